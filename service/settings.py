@@ -1,0 +1,190 @@
+"""One typed settings object for the server: CLI flags > ``EMBED_*`` environment > defaults.
+
+Read once, at the entry point; everything else receives a ``Settings`` instance (tests build
+one directly). This module is the only reader of the environment (ruff's TID251 enforces it),
+and the README's settings table is generated from the field descriptions below
+(``python -m service.settings --markdown``), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "EMBED_"
+
+Provider = Literal["cpu", "cuda", "tensorrt"]
+Truncation = Literal["none", "end", "start"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # --- model -------------------------------------------------------------------------------
+    model_dir: Path = Field(
+        default=Path("bundles/all-MiniLM-L6-v2"),
+        description="Model bundle directory written by `embed-export` (manifest.json inside).",
+    )
+    model_name: str | None = Field(
+        default=None, description="Name clients use for the model; defaults to the manifest's model_id."
+    )
+    allow_dimensions: bool = Field(
+        default=False,
+        description="Allow `dimensions` (truncate then renormalise). Off: gte-Qwen2 is not Matryoshka-trained.",
+    )
+
+    # --- network -----------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="gRPC bind address (0.0.0.0 in containers).")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    http_host: str = Field(default="127.0.0.1", description="HTTP (OpenAI-compatible) bind address.")
+    http_port: int | None = Field(
+        default=None, ge=0, le=65535, description="HTTP port for /v1/embeddings, /health, /metrics; unset disables."
+    )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Optional separate Prometheus port (also served on HTTP)."
+    )
+    max_message_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Max gRPC message size both ways; stream responses are split to stay under it.",
+    )
+    grace_period_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM: NOT_SERVING at once, finish accepted work within this."
+    )
+
+    # --- limits and batching -----------------------------------------------------------------
+    max_inputs_per_request: int = Field(default=256, ge=1, description="Max texts in one request.")
+    max_input_tokens: int | None = Field(
+        default=None, ge=1, description="Cap on tokens per input; defaults to the manifest's max_input_tokens."
+    )
+    default_truncation: Truncation = Field(
+        default="none",
+        description="Truncation when the request says SERVER_DEFAULT: none (error), end or start.",
+    )
+    max_batch_tokens: int = Field(
+        default=16384, ge=1, description="Token budget of one batch, counted as paid: batch × longest."
+    )
+    max_batch_size: int = Field(default=64, ge=1, description="Max inputs in one batch.")
+    max_batch_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long the batcher waits to fill a batch once work is queued."
+    )
+    max_queue_tokens: int = Field(
+        default=262144, ge=1, description="Queued tokens beyond which requests get RESOURCE_EXHAUSTED."
+    )
+
+    # --- runtime -----------------------------------------------------------------------------
+    provider: Provider = Field(default="cpu", description="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+    provider_fallback: Literal["fail", "warn"] = Field(
+        default="fail", description="When ORT silently falls back from the wanted provider: fail or warn."
+    )
+    device_id: int = Field(default=0, ge=0, description="GPU ordinal for cuda / tensorrt.")
+    intra_op_threads: int = Field(default=0, ge=0, description="ORT intra-op threads (0: ORT decides).")
+    inter_op_threads: int = Field(default=0, ge=0, description="ORT inter-op threads (0: ORT decides).")
+    cuda_mem_limit_bytes: int | None = Field(
+        default=None, ge=0, description="CUDA EP memory arena limit; unset: no limit."
+    )
+    cuda_io_binding: bool = Field(default=True, description="Bind inputs/outputs on the device (CUDA/TRT).")
+    trt_cache_dir: Path = Field(
+        default=Path("/tmp/embed-trt-cache"), description="TensorRT engine + timing cache directory."
+    )
+    trt_fp16: bool = Field(default=False, description="TensorRT: allow fp16 kernels.")
+    trt_bf16: bool = Field(default=False, description="TensorRT: allow bf16 kernels (preferred for gte-Qwen2).")
+    trt_int8: bool = Field(default=False, description="TensorRT: allow int8 kernels (QDQ graphs).")
+    trt_layer_norm_fp32_fallback: bool = Field(
+        default=True, description="TensorRT: keep normalisation layers in fp32 (fp16 overflow guard)."
+    )
+    trt_max_workspace_bytes: int = Field(default=4 * 1024**3, ge=0, description="TensorRT builder workspace.")
+    self_test: bool = Field(default=True, description="Check the bundle's golden vectors at start-up.")
+
+    # --- security ----------------------------------------------------------------------------
+    api_keys_file: Path | None = Field(
+        default=None, description="File with one API key per line; unset: no authentication (warned)."
+    )
+    tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM) for gRPC and HTTP.")
+    tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="CA bundle for client certificates: enables mTLS (client cert required)."
+    )
+
+    # --- logging -----------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+    log_format: Literal["json", "text"] = Field(default="json", description="Structured JSON or plain text logs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if self.trt_fp16 and self.trt_bf16:
+            raise ValueError("choose one of trt_fp16 and trt_bf16")
+        return self
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _base_type(annotation: Any) -> Any:
+    """Strip Optional[...] so a CLI string can be parsed by pydantic into the real type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def build_parser(prog: str = "embed-serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a model bundle over gRPC (and optionally OpenAI-compatible HTTP)."
+    )
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{info.description} [env {env_name(name)}]"
+        base = _base_type(info.annotation)
+        if _is_bool(base):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse CLI flags over ``EMBED_*`` environment variables; the only place either is read."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    env = dict(os.environ if environ is None else environ)
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in Settings.model_fields)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+    from_env = {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    # pydantic validates strings from both sources the same way; CLI wins over the environment.
+    return Settings.model_validate({**from_env, **overrides}, context={"source": "cli+env"})
+
+
+def markdown_table() -> str:
+    rows = ["| flag | environment | default | description |", "| --- | --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `--{name.replace('_', '-')}` | `{env_name(name)}` | {shown} | {info.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - documentation helper
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())
