@@ -1,0 +1,157 @@
+"""Models the benchmarks run: checkpoints built offline, exported once, cached under .cache/bench.
+
+Why cached: the 0.5B-shaped export takes about a minute and 2 GB; every scenario (and a re-run
+of one) reuses the same files, so repeated runs compare the same graphs. The cache key is the
+shape, so changing a shape rebuilds.
+
+Graphs come from the project's own export code (``export.graph`` + ``export.to_onnx``) and
+passes (``export.passes``): what is measured is what ships.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE = Path(".cache/bench")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A random gte-Qwen2 shape."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+TINY = Shape("tiny", 64, 2, 4, 2, 128)
+HALF_B = Shape("0.5b", 896, 24, 14, 2, 4864)
+SHAPES = {s.name: s for s in (TINY, HALF_B)}
+
+
+def checkpoint_dir(shape: Shape) -> Path:
+    """Build (once) a seeded random gte-Qwen2 folder of ``shape`` with the real Qwen2 vocabulary."""
+    from export.assets import build_tiny_qwen2
+
+    folder = CACHE / f"ckpt-{shape.name}"
+    stamp = folder / "bench-shape.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == asdict(shape):
+        return folder
+    build_tiny_qwen2(
+        folder,
+        seed=0,
+        hidden_size=shape.hidden_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        intermediate_size=shape.intermediate_size,
+    )
+    stamp.write_text(json.dumps(asdict(shape)))
+    return folder
+
+
+def embedder(folder: Path, dtype: Any = None) -> Any:
+    """The PyTorch module that gets exported (the eager reference a user would otherwise run)."""
+    import torch
+
+    from export.checkpoint import load_checkpoint
+    from export.graph import build_embedder
+
+    return build_embedder(load_checkpoint(folder), dtype=dtype or torch.float32)
+
+
+def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
+    """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, fp16, int8_dynamic,
+    int8_qdq. int8 graphs are quantised from the fused graph with query-chunked attention."""
+    out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from export.checkpoint import load_checkpoint
+    from export.passes import apply_graph_variant
+    from export.passes.int8 import quantize_dynamic_int8, quantize_static_qdq
+    from export.to_onnx import export_onnx
+
+    ckpt = load_checkpoint(folder)
+    if variant in ("plain", "fused", "fp16"):
+        import torch
+
+        dtype = torch.float16 if variant == "fp16" else torch.float32
+        module = embedder(folder, dtype)
+        opset = 20 if variant == "plain" else 23
+        export_onnx(module, out, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size, opset=opset)
+        if variant != "plain":
+            apply_graph_variant(out, "fused")
+    elif variant == "chunked":
+        apply_graph_variant(
+            onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
+        )
+    elif variant in ("int8_dynamic", "int8_qdq"):
+        base = out.parent / "base.onnx"
+        apply_graph_variant(
+            onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
+        )
+        if variant == "int8_dynamic":
+            quantize_dynamic_int8(base, out)
+        else:
+            quantize_static_qdq(base, out, calibration_batches(ckpt.vocab_size))
+        base.unlink()
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return out
+
+
+def calibration_batches(vocab: int, n: int = 8) -> list[tuple[Any, Any]]:
+    """Random-token calibration set (random weights: there is no real text distribution to match)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    out = []
+    for length in [16, 32, 64, 128, 256, 48, 96, 200][:n]:
+        out.append((rng.integers(0, vocab, (4, length)), np.ones((4, length), np.int64)))
+    return out
+
+
+def minilm_onnx() -> Path:
+    """The real all-MiniLM-L6-v2 exported plain (opset 20): BERT has no opset-23 fusions to gain."""
+    from export.assets import minilm_dir
+    from export.checkpoint import load_checkpoint
+    from export.to_onnx import export_onnx
+
+    out = CACHE / "minilm-onnx" / "plain" / "model.onnx"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = load_checkpoint(minilm_dir())
+    export_onnx(embedder(minilm_dir()), out, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size, opset=20)
+    return out
+
+
+def minilm_int8() -> Path:
+    from export.passes.int8 import quantize_dynamic_int8
+
+    out = CACHE / "minilm-onnx" / "int8_dynamic" / "model.onnx"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        quantize_dynamic_int8(minilm_onnx(), out)
+    return out
+
+
+def session(path: Path, threads: int = 2, profile: bool = False) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.enable_profiling = profile
+    if profile:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        opts.profile_file_prefix = str(CACHE / "ort_profile")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

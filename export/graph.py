@@ -1,0 +1,95 @@
+"""The PyTorch modules that get exported: stock backbone + in-graph pooling + L2 normalisation.
+
+The graph contract is ``(input_ids, attention_mask) -> (sentence_embedding, embedding_norm)``.
+Pooling lives in the graph so ``[batch, seq, hidden]`` never leaves the device. The norm is an
+output so the service can return unnormalised (and, after renormalising, truncated) vectors from
+the same graph.
+
+Two choices make every text's vector independent of how it was padded:
+
+* ``position_ids = cumsum(mask) - 1`` (clamped at 0), passed explicitly: a left-padded row gets
+  the same positions as the unpadded text, so RoPE (Qwen2) and absolute position embeddings
+  (BERT) see identical inputs whatever the padding side.
+* Pooling finds real tokens from the mask, never from a padding-side assumption: last token is
+  ``argmax(mask * arange)``, first token is ``argmax(mask)``, mean is mask-weighted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bundle.manifest import Pooling
+from export.checkpoint import Checkpoint
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Pool ``hidden`` [B, S, H] over the real tokens of ``mask`` [B, S] into [B, H]."""
+    if pooling == "mean":
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+    positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype).unsqueeze(0)
+    if pooling == "last_token":
+        index = (mask * positions).argmax(dim=1)
+    else:  # "cls": the first real token, wherever padding put it
+        index = mask.argmax(dim=1)
+    gather = index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, gather).squeeze(1)
+
+
+class Embedder(nn.Module):
+    """Backbone → pooled fp32 vector → (L2-normalised vector, its pre-normalisation norm)."""
+
+    def __init__(self, backbone: nn.Module, pooling: Pooling, *, token_type_ids: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling: Pooling = pooling
+        self.token_type_ids = token_type_ids
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"position_ids": position_ids}
+        if self.token_type_ids:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        # Pool and normalise in fp32 whatever the backbone's precision: the norm of a 3584-dim
+        # fp16 vector can itself overflow, and the service contract is float32.
+        pooled = pool(hidden.last_hidden_state.float(), attention_mask, self.pooling)
+        norm = torch.linalg.vector_norm(pooled, dim=-1)
+        return pooled / norm.clamp_min(1e-12).unsqueeze(-1), norm
+
+
+def load_backbone(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, causal: bool = False) -> nn.Module:
+    """Load the stock transformers backbone for ``ckpt`` — no remote code, one copy of the weights.
+
+    For qwen2, ``config.is_causal`` is *set*, never read from the download: gte-Qwen2's configs
+    have disagreed about it across revisions, and stock Qwen2 defaults to causal. ``causal=True``
+    exists only so tests can prove that the validation gate rejects a causal graph.
+    """
+    from transformers import AutoConfig, BertModel, Qwen2Model
+
+    folder = str(ckpt.folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if ckpt.family.name == "qwen2":
+        config.is_causal = causal
+        config.use_cache = False
+        config.use_sliding_window = False
+        model: nn.Module = Qwen2Model.from_pretrained(
+            folder, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+        )
+    else:
+        model = BertModel.from_pretrained(
+            folder, config=config, dtype=dtype, attn_implementation="sdpa", add_pooling_layer=False,
+            local_files_only=True,
+        )
+    return model.eval()
+
+
+def build_embedder(
+    ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, causal: bool = False, pooling: Pooling | None = None
+) -> Embedder:
+    """The exportable module for ``ckpt``. ``pooling`` overrides the checkpoint's (test hook)."""
+    backbone = load_backbone(ckpt, dtype=dtype, causal=causal)
+    return Embedder(backbone, pooling or ckpt.pooling, token_type_ids=ckpt.family.name == "bert").eval()

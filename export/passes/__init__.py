@@ -1,0 +1,33 @@
+"""Graph passes on exported ONNX files: GQA without repeat_kv, query-chunked attention, chunked MLP, int8.
+
+Each pass is a small ``ModelProto -> None`` (in place) or file -> file transform; ``pipeline``
+composes them into the ``plain`` / ``fused`` / ``chunked`` export variants.
+"""
+
+from export.passes._graph import PassError, op_counts
+from export.passes.chunk_attention import chunk_attention, default_query_chunk
+from export.passes.chunk_mlp import chunk_mlp
+from export.passes.gqa import drop_repeat_kv
+from export.passes.pipeline import (
+    FUSED_OPSET,
+    GRAPH_VARIANTS,
+    GraphReport,
+    GraphVariant,
+    apply_graph_variant,
+    required_opset,
+)
+
+__all__ = [
+    "FUSED_OPSET",
+    "GRAPH_VARIANTS",
+    "GraphReport",
+    "GraphVariant",
+    "PassError",
+    "apply_graph_variant",
+    "chunk_attention",
+    "chunk_mlp",
+    "default_query_chunk",
+    "drop_repeat_kv",
+    "op_counts",
+    "required_opset",
+]

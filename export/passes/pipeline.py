@@ -1,0 +1,123 @@
+"""Apply the graph passes to a saved ONNX file, leaving its external weight files untouched.
+
+Why file → file on the graph only: the 7B's weights are 28 GB of external data. The passes
+rewrite structure (a few hundred nodes) and add only tiny int64 constants, so the graph is
+loaded without its weights, rewritten and saved next to the same external files, whose
+relative references stay valid. Nothing here holds a weight in memory.
+
+Variants (the export option ``graph``):
+
+* ``plain``   – the exporter's graph as is (any opset).
+* ``fused``   – needs the opset-23 export (native Attention / RotaryEmbedding /
+  RMSNormalization); drops the materialised GQA ``repeat_kv``.
+* ``chunked`` – ``fused`` + key-padding mask + query-chunked attention + (optionally)
+  sequence-chunked MLP: memory linear in the input length; the default for qwen2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import onnx
+from onnx import external_data_helper
+
+from export.passes._graph import PassError, op_counts, opset_version
+from export.passes.chunk_attention import chunk_attention
+from export.passes.chunk_mlp import chunk_mlp
+from export.passes.gqa import drop_repeat_kv
+
+GraphVariant = Literal["plain", "fused", "chunked"]
+GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked")
+FUSED_OPSET = 23
+_INLINE_LIMIT = 4096  # bytes: small external constants (axes, shapes) are pulled inline
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    """What the passes did, for logs and the bundle manifest."""
+
+    variant: GraphVariant
+    attention_query_chunk: int | None = None
+    mlp_chunk: int | None = None
+    gqa_attention_nodes: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+
+
+def required_opset(variant: GraphVariant) -> int | None:
+    """The export opset a variant needs (None: whatever the exporter uses)."""
+    return None if variant == "plain" else FUSED_OPSET
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """Load ``path`` without its large external tensors (small ones are read inline)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        if int(info.get("length", _INLINE_LIMIT + 1)) <= _INLINE_LIMIT:
+            external_data_helper.load_external_data_for_tensor(init, str(path.parent))
+            init.data_location = onnx.TensorProto.DEFAULT
+            del init.external_data[:]
+    return model
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer)
+
+
+def _load_for(path: Path, target: Path) -> onnx.ModelProto:
+    """Graph only when the result stays beside its weight files; whole model when it moves."""
+    model = load_graph(path)
+    if target.parent.resolve() != path.parent.resolve() and _has_external(model):
+        model = onnx.load(str(path))
+    return model
+
+
+def _save(model: onnx.ModelProto, path: Path, target: Path) -> None:
+    """In place: the graph alone (weight references unchanged). Moved: weights go to a new side file."""
+    if target.parent.resolve() != path.parent.resolve() and _has_external(load_graph(path)):
+        onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
+    else:
+        onnx.save(model, str(target))
+
+
+def apply_graph_variant(
+    path: Path,
+    variant: GraphVariant,
+    *,
+    query_chunk: int = 1024,
+    mlp_chunk: int | None = 2048,
+    out: Path | None = None,
+) -> GraphReport:
+    """Rewrite the ONNX file at ``path`` (in place unless ``out``) into ``variant``.
+
+    ``mlp_chunk=None`` keeps the MLP in one piece: required before ``quantize_dynamic``, whose
+    quantiser does not rewrite MatMuls inside Loop bodies.
+    """
+    target = out or path
+    model = _load_for(path, target)
+    if variant != "plain" and opset_version(model) < FUSED_OPSET:
+        raise PassError(
+            f"graph variant {variant!r} needs an opset-{FUSED_OPSET} export, got opset {opset_version(model)}"
+        )
+    gqa = drop_repeat_kv(model) if variant != "plain" else 0
+    chunk = None
+    mlp = None
+    if variant == "chunked":
+        chunk_attention(model, chunk=query_chunk)
+        chunk = query_chunk
+        if mlp_chunk is not None:
+            chunk_mlp(model, chunk=mlp_chunk)
+            mlp = mlp_chunk
+    _save(model, path, target)
+    onnx.checker.check_model(str(target))  # by path: resolves external data, allows > 2 GiB
+    return GraphReport(
+        variant=variant,
+        attention_query_chunk=chunk,
+        mlp_chunk=mlp,
+        gqa_attention_nodes=gqa,
+        ops=dict(op_counts(model)),
+    )

@@ -1,0 +1,125 @@
+"""Precisions: how each one's graph is produced, and the proof that it is what it claims.
+
+* ``fp32`` — the reference artifact (and what TensorRT builds from).
+* ``fp16`` (``mixed``, default) — exported from a half-precision PyTorch model in which only the
+  heavy blocks run in fp16: Qwen2's attention and MLP blocks, BERT's Linear layers. Embedding
+  output, every RMSNorm/LayerNorm and the **residual stream stay fp32**. Qwen2-class models carry
+  residual values beyond fp16's 65504 ("massive activations"); summing them in fp16 gives inf and
+  then NaN at the next norm. Per-block outputs are small, their running sum is not — so the
+  residual add is where fp32 matters. ``naive`` (everything fp16) exists for the test that shows
+  the failure mode.
+* ``int8`` — see :mod:`export.quantize`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from bundle.manifest import Precision
+from export import quantize
+from export.checkpoint import Checkpoint
+from export.graph import Embedder, build_embedder
+from export.to_onnx import export_onnx
+
+if TYPE_CHECKING:
+    from export.api import ExportOptions
+
+Fp16Mode = Literal["mixed", "naive"]
+Int8Method = quantize.Int8Method
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a precision step produced: external files, batch invariance, and op-count checks."""
+
+    external_data: list[str]
+    batch_invariant: bool = True
+    checks: dict[str, float | int | str | bool] = field(default_factory=dict)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+class Fp16Island(nn.Module):
+    """Runs ``inner`` (already in fp16) on fp16 copies of its inputs; returns fp32 outputs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.half()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*_cast(args, torch.float16), **{k: _cast(v, torch.float16) for k, v in kwargs.items()})
+        return _cast(out, torch.float32)
+
+
+def _islands(embedder: Embedder, family: str) -> Embedder:
+    """Turn an embedder into the mixed layout: fp16 blocks, fp32 norms and residual stream.
+
+    Only small modules are upcast (norm gains, RoPE frequencies), so a model loaded in fp16 is
+    never materialised in fp32 as a whole.
+    """
+    backbone = embedder.backbone
+    if family == "qwen2":
+        for layer in backbone.layers:
+            layer.self_attn = Fp16Island(layer.self_attn)
+            layer.mlp = Fp16Island(layer.mlp)
+            layer.input_layernorm.float()
+            layer.post_attention_layernorm.float()
+        backbone.norm.float()
+        backbone.rotary_emb.float()
+        # fp16 table (half the bytes of the largest tensor), fp32 rows into the residual stream
+        backbone.embed_tokens = Fp16Island(backbone.embed_tokens)
+    else:  # BERT-sized models: everything fp32 except the Linear layers
+        backbone.float()
+        for parent in list(backbone.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp16Island(child))
+    return embedder
+
+
+def _fp16_embedder(ckpt: Checkpoint, mode: Fp16Mode, **kw: Any) -> Embedder:
+    if mode == "naive":
+        return build_embedder(ckpt, dtype=torch.float16, **kw)
+    # Small models load in fp32 (exact norm gains); large ones load in fp16 once, so a 7B export
+    # never holds a full fp32 copy — _islands only upcasts the small modules.
+    small = ckpt.num_parameters_estimate < 1_000_000_000
+    embedder = build_embedder(ckpt, dtype=torch.float32 if small else torch.float16, **kw)
+    return _islands(embedder, ckpt.family.name)
+
+
+def produce(ckpt: Checkpoint, stage: Path, name: str, precision: Precision, *, opset: int,
+            options: ExportOptions) -> Artifact:
+    """Write ``stage/name`` (+ external data) in ``precision`` and return what was produced."""
+    hooks: dict[str, Any] = {"causal": options.debug_causal, "pooling": options.debug_pooling}
+    export_kw: dict[str, Any] = {"pad_id": ckpt.pad_id, "vocab_size": ckpt.vocab_size, "opset": opset,
+                                 "external_data": options.external_data}
+    if precision == "fp16":
+        embedder = _fp16_embedder(ckpt, options.fp16_mode, **hooks)
+        files = export_onnx(embedder, stage / name, **export_kw)
+        return Artifact(files, checks={"fp16_mode": options.fp16_mode})
+    embedder = build_embedder(ckpt, **hooks)
+    if precision == "fp32":
+        return Artifact(export_onnx(embedder, stage / name, **export_kw))
+    work = stage / "_fp32"
+    work.mkdir()
+    try:
+        export_onnx(embedder, work / name, **export_kw)
+        del embedder  # the quantiser needs the memory more than we need the torch model
+        calibration = quantize.calibration_batches(ckpt) if options.int8_method == "qdq" else []
+        result = quantize.quantize(work / name, stage / name, options.int8_method, calibration,
+                                   external_data=options.external_data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return Artifact(result.external_data, batch_invariant=result.batch_invariant, checks=result.checks)

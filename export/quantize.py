@@ -1,0 +1,136 @@
+"""int8: three methods for three consumers, each checked for the ops it must contain.
+
+* ``dynamic`` — ``quantize_dynamic`` on MatMul (W8A8, MatMulInteger). Fastest on CPU (3–4×
+  fp32), but its activation scale is one number per tensor *over the whole batch*, padding
+  included, so a text's vector depends on its neighbours. The bundle says so
+  (``batch_invariant = False``) and the service runs such bundles one text per run.
+* ``weight-only`` — ``MatMulNBits`` with 8-bit blocks (QOperator format), fp32 compute. Batch
+  invariant, runs on the CPU and CUDA EPs, about fp32 speed on CPU.
+* ``qdq`` — static ``QuantizeLinear/DequantizeLinear`` (symmetric, per-channel weights, scales
+  calibrated here): the explicit-quantisation format TensorRT consumes. Static scales do not
+  depend on the batch, so it is batch invariant.
+
+Pitfall this module guards against: ``MatMulNBits`` with ``QuantFormat.QDQ`` and 8 bits logs an
+error per node and returns the model *unquantised*. Every result is therefore checked by
+counting ops, and a graph without the expected ops raises :class:`QuantizationError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from export.checkpoint import Checkpoint
+from export.errors import QuantizationError
+
+log = logging.getLogger(__name__)
+Int8Method = Literal["dynamic", "weight-only", "qdq"]
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    external_data: list[str]
+    batch_invariant: bool
+    checks: dict[str, float | int | str | bool]
+
+
+def weight_matmuls(model: Any) -> int:
+    """MatMul nodes whose second input is an initializer: the projections to quantise."""
+    inits = {i.name for i in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+
+
+def op_counts(path: Path) -> Counter[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def verify_ops(path: Path, method: Int8Method, expected: int) -> dict[str, float | int | str | bool]:
+    """Check the quantised graph holds ``expected`` quantised projections and no float ones."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    left = weight_matmuls(model)
+    need = {"dynamic": ("MatMulInteger", "DynamicQuantizeLinear"), "weight-only": ("MatMulNBits",),
+            "qdq": ("QuantizeLinear", "DequantizeLinear")}[method]
+    counts = {op: ops.get(op, 0) for op in need}
+    main = counts[need[0]]
+    ok = left == 0 and (main >= expected if method != "dynamic" else ops.get("MatMulInteger", 0) == expected)
+    if method == "qdq":  # every projection's weight must come out of a DequantizeLinear
+        dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        fed = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dq_outputs)
+        ok = ok and fed == expected
+        counts["MatMul_from_DequantizeLinear"] = fed
+    if not ok:
+        raise QuantizationError(
+            f"int8 {method}: expected {expected} quantised projections ({'/'.join(need)}), found {counts} "
+            f"and {left} float MatMul(s) with weight initializers left — the model was not (fully) quantised"
+        )
+    return {"int8_method": method, "quantized_matmuls": expected, **{f"ops_{k}": v for k, v in counts.items()}}
+
+
+class _Reader:
+    """Calibration feeds for quantize_static (one unpadded text per run)."""
+
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self._it: Iterator[Feed] = iter(feeds)
+
+    def get_next(self) -> Feed | None:
+        return next(self._it, None)
+
+
+def calibration_batches(ckpt: Checkpoint) -> list[Feed]:
+    """Calibration inputs: the validation texts, tokenised with the bundle's policy."""
+    from export.corpus import QUERY, TEXTS, CorpusTokenizer
+
+    tok = CorpusTokenizer(ckpt)
+    examples = [tok.example(t) for t in TEXTS] + [tok.example(QUERY, "query", ckpt.prompts)]
+    return [{"input_ids": np.array([e.token_ids], dtype=np.int64),
+             "attention_mask": np.ones((1, len(e.token_ids)), dtype=np.int64)} for e in examples]
+
+
+def quantize(src: Path, dst: Path, method: Int8Method, calibration: Sequence[Feed], *,
+             external_data: str = "auto") -> Quantized:
+    """Quantise the fp32 graph ``src`` into ``dst`` with ``method`` and verify the result's ops."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    # Only the projections: quantising QK^T / PV too costs accuracy and is not what TRT needs.
+    targets = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    expected = len(targets)
+    big = sum(p.stat().st_size for p in src.parent.iterdir()) > 2 * 1024**3
+    use_ext = external_data == "always" or (external_data == "auto" and big)
+    log.info("int8 %s: quantising %d projections", method, expected)
+    if method == "dynamic":
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=use_ext)
+    elif method == "weight-only":
+        config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=None,
+                                              quant_format=QuantFormat.QOperator, bits=8)
+        quantizer = MatMulNBitsQuantizer(str(src), algo_config=config)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst), use_ext)
+    elif method == "qdq":
+        reader: CalibrationDataReader = _Reader(calibration)  # type: ignore[assignment]
+        quantize_static(src, dst, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], nodes_to_quantize=targets,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=use_ext,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    else:
+        raise QuantizationError(f"unknown int8 method {method!r}; choose dynamic, weight-only or qdq")
+    checks = verify_ops(dst, method, expected)
+    files = sorted(p.name for p in dst.parent.iterdir() if p.is_file() and p.name.startswith(dst.name + "."))
+    return Quantized(files, batch_invariant=method != "dynamic", checks=checks)

@@ -1,0 +1,165 @@
+"""API keys: loaded from a file, checked in constant time, for gRPC and HTTP alike.
+
+Why a file and not an environment variable: the Helm chart mounts a Secret there, and a file can
+hold several keys at once, so a key can be rotated without downtime (add the new one, roll
+clients, remove the old one). Keys are bytes in memory only; nothing here ever formats a key
+into a message, and callers get a yes/no, never which key matched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+logger = logging.getLogger(__name__)
+
+# Probes and `grpcurl list/describe` must work without a key: Kubernetes' native gRPC probe
+# cannot send metadata, and reflection only describes the public proto.
+OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'authorization: Bearer <key>')"
+
+
+class ApiKeyError(Exception):
+    """The keys file cannot be used. Names the file, never its content."""
+
+
+class ApiKeys:
+    """A set of accepted keys; empty means authentication is off."""
+
+    def __init__(self, keys: Iterable[str] = ()) -> None:
+        self._keys = tuple(k.encode() for k in keys if k)
+
+    @classmethod
+    def from_file(cls, path: Path | None) -> ApiKeys:
+        """One key per line; blank lines and ``#`` comments are skipped; whitespace trimmed.
+
+        Raises:
+            ApiKeyError: the file is unreadable, or it is set but holds no key (fail closed:
+                an empty Secret must not silently open the service).
+        """
+        if path is None:
+            return cls()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiKeyError(f"cannot read API keys file {path}: {type(exc).__name__}") from None
+        keys = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+        if not keys:
+            raise ApiKeyError(f"API keys file {path} holds no key")
+        if any(any(c.isspace() for c in k) for k in keys):
+            raise ApiKeyError(f"API keys file {path}: a key contains whitespace")
+        return cls(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:  # never show the keys, even in a debugger or a traceback
+        return f"ApiKeys(<{len(self._keys)} keys>)"
+
+    def secrets(self) -> tuple[str, ...]:
+        """The keys as text, for the log redaction filter only."""
+        return tuple(k.decode() for k in self._keys)
+
+    def accepts(self, presented: str | None) -> bool:
+        """True when auth is off or ``presented`` equals one of the keys.
+
+        Compares against every key without stopping at a match, so the time taken says
+        nothing about which key (or how much of one) matched.
+        """
+        if not self._keys:
+            return True
+        if presented is None:
+            return False
+        candidate = presented.encode()
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def accepts_header(self, authorization: str | None) -> bool:
+        return self.accepts(bearer_token(authorization)) if self._keys else True
+
+    def warn_if_open(self) -> None:
+        if not self._keys:
+            logger.warning("no API keys configured (api_keys_file unset): gRPC and HTTP are open to anyone")
+        else:
+            logger.info("API key authentication on", extra={"api_keys": len(self._keys)})
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; scheme case-insensitive."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def _metadata_value(metadata: Any, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no stubs
+    """Refuses calls without a valid ``authorization: Bearer`` key with UNAUTHENTICATED.
+
+    Health and reflection stay open. The refusal replaces the handler, so the servicer (and the
+    batcher behind it) never sees an unauthenticated request.
+    """
+
+    def __init__(self, keys: ApiKeys, on_refused: Callable[[str], None] | None = None) -> None:
+        self._keys = keys
+        self._on_refused = on_refused
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        if not self._keys.enabled or method.startswith(OPEN_GRPC_PREFIXES):
+            return await continuation(handler_call_details)
+        header = _metadata_value(handler_call_details.invocation_metadata, "authorization")
+        if self._keys.accepts(bearer_token(header)):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED as usual
+            return None
+        if self._on_refused is not None:
+            self._on_refused(method)
+        return _refusing_handler(handler)
+
+
+async def _refuse(context: Any) -> None:  # grpc.aio.ServicerContext (no stubs)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that aborts at once."""
+    des, ser = handler.request_deserializer, handler.response_serializer
+
+    async def unary(request: Any, context: Any) -> Any:
+        await _refuse(context)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(unary, des, ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(unary, des, ser)
+    return grpc.unary_unary_rpc_method_handler(unary, des, ser)

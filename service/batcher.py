@@ -1,0 +1,353 @@
+"""Dynamic batching: token-budget batches, length grouping, bounded admission, deadlines.
+
+Why this shape (and not TEI's FIFO): a batch costs ``batch × longest`` padded tokens, so one
+long text in a batch of short ones makes them all pay for it. The scheduler takes the *oldest*
+queued input (so nothing starves) and fills the batch with the inputs nearest to it in length,
+within ``max_batch_tokens`` and ``max_batch_size``. :func:`batch_cost` is the single cost model.
+
+* Admission is bounded by queued tokens; past ``max_queue_tokens`` a request is refused at once
+  with :class:`Overloaded` (RESOURCE_EXHAUSTED) instead of growing latency without bound. A request
+  arriving at an empty queue is always admitted, so one large request cannot be refused forever.
+* Inputs whose request was cancelled or whose deadline passed are dropped when the batch is
+  formed *and again* in the worker right before the runtime call: expired work is never computed.
+* A failing runtime call fails only the requests that had inputs in that batch.
+* Pipelined: while batch N runs, batch N+1 is formed and waits in the worker's queue
+  (two slots), so the runtime never idles on scheduling. One worker thread runs the runtime;
+  the event loop only schedules.
+* ``batch_invariant=False`` (the manifest says vectors depend on batch neighbours): each input
+  runs alone, unpadded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.domain import FloatArray
+from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
+from service.runtime import IntArray, Runtime
+
+log = logging.getLogger("service.batcher")
+
+PIPELINE_SLOTS = 2  # one batch running + one formed and waiting
+
+
+def batch_cost(batch_size: int, longest: int) -> int:
+    """What a batch costs the runtime, in tokens: padded, so ``batch × longest``.
+
+    The only cost model: the scheduler's budget check and the TensorRT profiles derive from it.
+    (Attention is quadratic in length; a term for very long inputs belongs here.)
+    """
+    return batch_size * longest
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """A request's vectors in input order, plus where its time went."""
+
+    vectors: FloatArray  # [n, dim], L2-normalised
+    norms: FloatArray  # [n]
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(eq=False)
+class _Request:
+    ids: Sequence[Sequence[int]]
+    future: asyncio.Future[BatchOutput]
+    deadline: float | None
+    admitted: float
+    remaining: int
+    vectors: FloatArray | None = None
+    norms: FloatArray | None = None
+    first_start: float | None = None
+    last_end: float = 0.0
+    # Set on the event loop, read by the worker thread: a plain bool is enough (GIL, monotonic).
+    dropped: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    length: int
+    seq: int
+
+
+@dataclass
+class _Done:
+    """What the worker hands back for one batch."""
+
+    computed: list[_Item] = field(default_factory=list)
+    expired: list[_Item] = field(default_factory=list)
+    vectors: FloatArray | None = None
+    norms: FloatArray | None = None
+    error: BaseException | None = None
+    start: float = 0.0
+    end: float = 0.0
+
+
+# (inputs, real tokens, padded tokens); called from the worker thread, so it must be thread-safe.
+BatchObserver = Callable[[int, int, int], None]
+
+
+class Batcher:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+        max_queue_tokens: int,
+        pad_id: int,
+        batch_invariant: bool = True,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_batch_wait_ms / 1000.0
+        self.max_queue_tokens = max_queue_tokens
+        self._pad_id = pad_id
+        self._batch_invariant = batch_invariant
+        self._on_batch = on_batch
+        self._pending: dict[int, _Item] = {}  # insertion-ordered: first is oldest
+        self._seq = itertools.count()
+        self._queued_tokens = 0
+        self._in_flight = 0
+        self._closing = False
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._slots = asyncio.Semaphore(PIPELINE_SLOTS)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-runtime")
+        self._task: asyncio.Task[None] | None = None
+        self.runtime_calls = 0
+
+    # --- public ------------------------------------------------------------------------------
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+
+    async def submit(self, ids: Sequence[Sequence[int]], deadline: float | None = None) -> BatchOutput:
+        """Queue one request's inputs (model input ids); resolves when all are computed."""
+        if self._closing:
+            raise Draining("the server is shutting down; retry on another replica")
+        tokens = sum(len(x) for x in ids)
+        if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+            raise Overloaded(
+                f"server queue is full ({self._queued_tokens} tokens queued, limit {self.max_queue_tokens}); "
+                "retry with back-off"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        request = _Request(ids, loop.create_future(), deadline, now, remaining=len(ids))
+        request.future.add_done_callback(_mark_dropped_if_cancelled(request))
+        for index, seq_ids in enumerate(ids):
+            seq = next(self._seq)
+            self._pending[seq] = _Item(request, index, len(seq_ids), seq)
+        self._queued_tokens += tokens
+        self._idle.clear()
+        self._arrived.set()
+        return await request.future
+
+    async def drain(self) -> None:
+        """Refuse new work; return when every accepted input has been computed or dropped."""
+        self._closing = True
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for item in list(self._pending.values()):
+            self._fail(item.request, Draining("the server stopped before this request was computed"))
+        self._pending.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- scheduling (event loop) -------------------------------------------------------------
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                self._check_idle()
+                await self._arrived.wait()
+                continue
+            await self._slots.acquire()
+            await self._wait_to_fill()
+            batch = self._form()
+            if not batch:
+                self._slots.release()
+                continue
+            self._in_flight += 1
+            future = loop.run_in_executor(self._executor, self._compute, batch)
+            future.add_done_callback(self._finished)
+
+    async def _wait_to_fill(self) -> None:
+        """Wait up to max_batch_wait (from the oldest input's arrival) unless a batch is full."""
+        while self._pending and not self._full():
+            oldest = next(iter(self._pending.values()))
+            left = oldest.request.admitted + self.max_wait_s - time.monotonic()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
+    def _full(self) -> bool:
+        return len(self._pending) >= self.max_batch_size or self._queued_tokens >= self.max_batch_tokens
+
+    def _form(self) -> list[_Item]:
+        """Oldest live input first, then the nearest lengths that fit the token budget."""
+        now = time.monotonic()
+        for seq, item in list(self._pending.items()):
+            request = item.request
+            if request.dropped or request.future.done() or request.expired(now):
+                del self._pending[seq]
+                self._queued_tokens -= item.length
+                if not request.future.done() and request.expired(now):
+                    self._fail(request, DeadlineExceeded("deadline passed while queued; not computed"))
+        if not self._pending:
+            return []
+        oldest = next(iter(self._pending.values()))
+        batch, longest = [oldest], oldest.length
+        if self._batch_invariant:
+            rest = sorted(
+                (it for it in self._pending.values() if it is not oldest),
+                key=lambda it: (abs(it.length - oldest.length), it.seq),
+            )
+            for item in rest:
+                if len(batch) >= self.max_batch_size:
+                    break
+                grown = max(longest, item.length)
+                if batch_cost(len(batch) + 1, grown) <= self.max_batch_tokens:
+                    batch.append(item)
+                    longest = grown
+        for item in batch:
+            del self._pending[item.seq]
+            self._queued_tokens -= item.length
+        return batch
+
+    def _finished(self, future: asyncio.Future[_Done]) -> None:
+        self._slots.release()
+        self._in_flight -= 1
+        done = future.result()  # _compute never raises: errors come back in done.error
+        for item in done.expired:
+            if not item.request.future.done():
+                self._fail(item.request, DeadlineExceeded("deadline passed while queued; not computed"))
+        if done.error is not None:
+            log.error("runtime failed on a batch of %d inputs", len(done.computed), exc_info=done.error)
+            for item in done.computed:
+                self._fail(item.request, RuntimeFailure(f"runtime failure: {done.error!r}"))
+        elif done.vectors is not None and done.norms is not None:
+            for row, item in enumerate(done.computed):
+                self._deliver(item, done.vectors[row], done.norms[row], done)
+        self._check_idle()
+
+    def _deliver(self, item: _Item, vector: FloatArray, norm: np.float32, done: _Done) -> None:
+        request = item.request
+        if request.future.done():
+            return
+        if request.vectors is None or request.norms is None:
+            request.vectors = np.empty((len(request.ids), vector.shape[0]), dtype=np.float32)
+            request.norms = np.empty(len(request.ids), dtype=np.float32)
+        request.vectors[item.index] = vector
+        request.norms[item.index] = norm
+        request.first_start = (
+            done.start if request.first_start is None else min(request.first_start, done.start)
+        )
+        request.last_end = max(request.last_end, done.end)
+        request.remaining -= 1
+        if request.remaining == 0:
+            request.future.set_result(
+                BatchOutput(
+                    request.vectors,
+                    request.norms,
+                    queue_ms=(request.first_start - request.admitted) * 1000.0,
+                    inference_ms=(request.last_end - request.first_start) * 1000.0,
+                )
+            )
+
+    def _fail(self, request: _Request, error: EmbeddingError) -> None:
+        request.dropped = True
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _check_idle(self) -> None:
+        if not self._pending and self._in_flight == 0:
+            self._idle.set()
+
+    # --- compute (worker thread) -------------------------------------------------------------
+    def _compute(self, batch: list[_Item]) -> _Done:
+        done = _Done()
+        now = time.monotonic()
+        for item in batch:
+            if item.request.dropped:
+                continue
+            (done.expired if item.request.expired(now) else done.computed).append(item)
+        if not done.computed:
+            return done
+        done.start = time.monotonic()
+        try:
+            if self._batch_invariant:
+                done.vectors, done.norms = self._run([item.request.ids[item.index] for item in done.computed])
+            else:
+                parts = [self._run([item.request.ids[item.index]]) for item in done.computed]
+                done.vectors = np.concatenate([p[0] for p in parts])
+                done.norms = np.concatenate([p[1] for p in parts])
+        except Exception as exc:  # any runtime error fails this batch only
+            done.error = exc
+        done.end = time.monotonic()
+        return done
+
+    def _run(self, seqs: list[Sequence[int]]) -> tuple[FloatArray, FloatArray]:
+        """Right-pad to the longest sequence and call the runtime once."""
+        longest = max(len(s) for s in seqs)
+        input_ids: IntArray = np.full((len(seqs), longest), self._pad_id, dtype=np.int64)
+        mask: IntArray = np.zeros((len(seqs), longest), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        self.runtime_calls += 1
+        if self._on_batch is not None:
+            self._on_batch(len(seqs), sum(len(s) for s in seqs), input_ids.size)
+        vectors, norms = self._runtime.run(input_ids, mask)
+        if vectors.shape[0] != len(seqs) or norms.shape[0] != len(seqs):
+            raise RuntimeError(f"runtime returned {vectors.shape[0]} vectors for {len(seqs)} inputs")
+        return vectors, norms
+
+
+def _mark_dropped_if_cancelled(request: _Request) -> Callable[[asyncio.Future[BatchOutput]], None]:
+    def callback(future: asyncio.Future[BatchOutput]) -> None:
+        if future.cancelled():
+            request.dropped = True
+
+    return callback

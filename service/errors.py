@@ -1,0 +1,190 @@
+"""One error taxonomy, mapped once to gRPC status codes and HTTP statuses.
+
+Why one table: the gRPC servicer and the OpenAI-compatible HTTP facade must agree on what a
+client sees for the same failure, and a new error class must not silently become INTERNAL on one
+front end only. Domain code raises these exceptions and never talks to a transport; each front
+end converts with :func:`describe` (gRPC through :func:`maps_errors`). Anything that is not an
+``EmbeddingError`` is a bug or a runtime failure: the client gets a generic message naming the
+request id, and the traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger("service.errors")
+
+
+class EmbeddingError(Exception):
+    """Base class. ``message`` is safe to show to clients; ``field`` names the bad request field."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(EmbeddingError):
+    """The request is malformed: empty inputs, empty string, bad enum, bad token id…"""
+
+
+class TooManyInputs(InvalidInput):
+    """More inputs than max_inputs_per_request (or than one unary response can carry)."""
+
+
+class InputTooLong(InvalidInput):
+    """An input exceeds max_input_tokens and truncation is NONE."""
+
+
+class UnknownTask(InvalidInput):
+    """``task`` names no instruction in the bundle."""
+
+
+class DimensionsNotAllowed(InvalidInput):
+    """``dimensions`` was asked for but the operator did not enable it, or it is out of range."""
+
+
+class Unauthenticated(EmbeddingError):
+    """Missing or wrong credentials (API keys; used by the front ends)."""
+
+
+class Overloaded(EmbeddingError):
+    """Admission refused: the queue holds max_queue_tokens already. Retry with back-off."""
+
+
+class NotReady(EmbeddingError):
+    """Warming up (model loading, self-test) or stopped. Retry, maybe on another replica."""
+
+
+class Draining(NotReady):
+    """Shutting down: accepted work finishes, new work is refused."""
+
+
+class DeadlineExceeded(EmbeddingError):
+    """The request's deadline passed before its inputs were computed; they never will be."""
+
+
+class Cancelled(EmbeddingError):
+    """The client went away; its queued inputs were dropped."""
+
+
+class RuntimeFailure(EmbeddingError):
+    """The inference runtime failed. The public message is generic; details are logged."""
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """How one error class looks on the wire."""
+
+    grpc_code: grpc.StatusCode
+    http_status: int
+    # OpenAI-style error "type" for the HTTP facade.
+    kind: str
+
+
+# THE table. Most specific class first: lookup walks the exception's MRO.
+ERROR_TABLE: dict[type[EmbeddingError], ErrorInfo] = {
+    TooManyInputs: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    InputTooLong: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error"),
+    UnknownTask: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    DimensionsNotAllowed: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    InvalidInput: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    Unauthenticated: ErrorInfo(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
+    Overloaded: ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
+    Draining: ErrorInfo(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    NotReady: ErrorInfo(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
+    DeadlineExceeded: ErrorInfo(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
+    # 499: nginx's "client closed request"; nobody is left to read it, but logs and metrics are.
+    Cancelled: ErrorInfo(grpc.StatusCode.CANCELLED, 499, "cancelled"),
+    RuntimeFailure: ErrorInfo(grpc.StatusCode.INTERNAL, 500, "server_error"),
+    EmbeddingError: ErrorInfo(grpc.StatusCode.INTERNAL, 500, "server_error"),
+}
+
+
+@dataclass(frozen=True)
+class PublicError:
+    """What a front end sends: status codes and a message with no internals."""
+
+    grpc_code: grpc.StatusCode
+    http_status: int
+    kind: str
+    message: str
+    field: str | None
+    error_class: str
+
+
+def info_for(error_type: type[EmbeddingError]) -> ErrorInfo:
+    for klass in error_type.__mro__:
+        if klass in ERROR_TABLE:
+            return ERROR_TABLE[klass]
+    raise AssertionError("EmbeddingError is in the table")  # pragma: no cover
+
+
+def describe(exc: BaseException, request_id: str = "") -> PublicError:
+    """Map any exception to what the client sees; log unexpected ones with their traceback."""
+    if not isinstance(exc, EmbeddingError):
+        log.error("unexpected error (request_id=%s)", request_id, exc_info=exc)
+        exc = RuntimeFailure("internal error")
+    info = info_for(type(exc))
+    message = exc.message
+    if info.grpc_code == grpc.StatusCode.INTERNAL:
+        # RuntimeFailure carries internals in its message when raised; never send them.
+        message = f"internal error (request_id={request_id or 'unknown'}); details are in the server log"
+    return PublicError(info.grpc_code, info.http_status, info.kind, message, exc.field, type(exc).__name__)
+
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _request_id(request: object) -> str:
+    rid = getattr(request, "request_id", "")
+    return rid if isinstance(rid, str) else ""
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "") -> None:
+    """End an RPC with the status the table gives ``exc`` (raises, as ``context.abort`` does)."""
+    public = describe(exc, request_id)
+    if public.field:
+        context.set_trailing_metadata((("embed-error-field", public.field),))
+    await context.abort(public.grpc_code, public.message)
+
+
+def maps_errors(
+    handler: Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    """Wrap a unary gRPC handler: domain errors become their status code; others INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:  # the one place handler errors are turned into statuses
+            await abort(context, exc, _request_id(request))
+            raise  # pragma: no cover - abort raises
+
+    return wrapper
+
+
+def maps_stream_errors(
+    handler: Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """Same for a streaming handler (an async generator): the stream ends with the mapped status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: S, requests: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        try:
+            async for item in handler(self, requests, context):
+                yield item
+        except Exception as exc:
+            await abort(context, exc, getattr(exc, "request_id", ""))
+            raise  # pragma: no cover - abort raises
+
+    return wrapper

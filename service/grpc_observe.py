@@ -1,0 +1,153 @@
+"""gRPC metrics and access logs, as a server interceptor around every method handler.
+
+Why an interceptor rather than code in the servicer: the servicer stays about proto ⇄ domain
+only, every method (including health and reflection) is counted with the same labels as the HTTP
+front end (``api="grpc"``, ``method``, ``code`` = status name), and an RPC refused earlier by the
+auth interceptor is still counted. Request fields are read duck-typed (``inputs``,
+``token_inputs``, ``request_id``, ``usage``, ``timings``) so non-embedding methods pass through.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from service.logs import log_request, new_request_id
+from service.metrics import Metrics
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Context = Any  # grpc.aio.ServicerContext; grpc ships no type stubs
+# Probes poll health every few seconds; counting them is useful, logging each one is noise.
+_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass
+class _Call:
+    """What one RPC did, filled in as its messages pass."""
+
+    request_id: str = ""
+    inputs: int = 0
+    tokens: int = 0
+    stages: list[tuple[float, float, float]] = field(default_factory=list)
+    truncated: int = 0
+
+    def saw_request(self, request: Any) -> None:
+        self.inputs += len(getattr(request, "inputs", ())) + len(getattr(request, "token_inputs", ()))
+        rid = getattr(request, "request_id", "")
+        if isinstance(rid, str) and rid and not self.request_id:
+            self.request_id = rid
+
+    def saw_response(self, response: Any) -> None:
+        if not self.request_id:
+            rid = getattr(response, "request_id", "")
+            self.request_id = rid if isinstance(rid, str) else ""
+        # A split stream answer carries usage and timings on its last part only.
+        if not getattr(response, "last", True):
+            return
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.tokens += int(getattr(usage, "input_tokens", 0))
+            self.truncated += int(getattr(usage, "truncated_inputs", 0))
+        timings = getattr(response, "timings", None)
+        if timings is not None and getattr(timings, "total_ms", 0.0) > 0:
+            self.stages.append((timings.queue_ms / 1e3, timings.tokenize_ms / 1e3, timings.inference_ms / 1e3))
+
+
+class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
+    """Counts, times and logs every RPC; register it *outside* (before) the auth interceptor."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full: str = handler_call_details.method
+        return _wrap(handler, full, self._metrics)
+
+
+def _finish(
+    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: bool
+) -> None:
+    code = context.code()
+    if code is None:
+        code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    short = method.rsplit("/", 1)[-1]
+    latency = time.perf_counter() - started
+    metrics.observe_request("grpc", short, name, latency, call.tokens)
+    for queue_s, tokenize_s, inference_s in call.stages:
+        metrics.observe_stages(queue_s, tokenize_s, inference_s)
+    metrics.observe_truncated(call.truncated)
+    if method.startswith(_QUIET_PREFIXES) and name == "OK":
+        return
+    log_request(
+        api="grpc",
+        method=short,
+        request_id=call.request_id or new_request_id(),
+        status=name,
+        inputs=call.inputs,
+        tokens=call.tokens,
+        latency_s=latency,
+    )
+
+
+async def _requests(source: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+    async for request in source:
+        call.saw_request(request)
+        yield request
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
+    des, ser = handler.request_deserializer, handler.response_serializer
+
+    if not handler.request_streaming and not handler.response_streaming:
+        inner = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            call, started, error = _Call(), time.perf_counter(), True
+            call.saw_request(request)
+            try:
+                response = await inner(request, context)
+                call.saw_response(response)
+                error = False
+                return response
+            finally:
+                _finish(metrics, method, call, context, started, error)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+
+    if handler.response_streaming and inspect.isasyncgenfunction(
+        handler.stream_stream if handler.request_streaming else handler.unary_stream
+    ):
+        streaming = handler.request_streaming
+        gen = handler.stream_stream if streaming else handler.unary_stream
+
+        async def responses(request: Any, context: Context) -> AsyncIterator[Any]:
+            call, started, error = _Call(), time.perf_counter(), True
+            if streaming:
+                request = _requests(request, call)
+            else:
+                call.saw_request(request)
+            try:
+                async for response in gen(request, context):
+                    call.saw_response(response)
+                    yield response
+                error = False
+            finally:
+                _finish(metrics, method, call, context, started, error)
+
+        factory = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_stream_rpc_method_handler
+        return factory(responses, des, ser)
+
+    # Other shapes (stream-unary, or streaming written through context.write): count only.
+    return handler

@@ -1,0 +1,340 @@
+"""The OpenAI-compatible HTTP front end, served by aiohttp in the gRPC server's event loop.
+
+Why in-process and on the same loop: both front ends hand jobs to the one ``EmbeddingCore``, so
+HTTP and gRPC requests share the batcher (they batch *together*) and the one model copy. This
+module only translates: JSON ⇄ :mod:`service.http_schema`, keys ⇄ :mod:`service.auth`, domain
+errors ⇄ OpenAI's error shape through the shared table in :mod:`service.errors`.
+
+Open without a key: ``GET /health`` (probes) and ``GET /metrics`` (scrapers); everything under
+``/v1`` needs ``Authorization: Bearer <key>`` when keys are configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from service.auth import ApiKeys
+from service.domain import EmbedJob, EmbedResult, ModelInfo
+from service.errors import InvalidInput, describe
+from service.http_schema import (
+    embeddings_response,
+    error_body,
+    model_card,
+    parse_embeddings_request,
+)
+from service.logs import log_request, new_request_id
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+REQUEST_ID_HEADER = "X-Request-Id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
+# limit is a multiple of the gRPC message limit rather than equal to it.
+BODY_LIMIT_FACTOR = 4
+# Encoding or decoding more floats than this on the event loop would stall every other request
+# (json.dumps of a full 256 × 3584 response takes a large fraction of a second): use a thread.
+_OFFLOAD_FLOATS = 1 << 16
+_OFFLOAD_BYTES = 1 << 20
+RETRY_AFTER_S = {429: "1", 503: "5"}
+
+_ROUTE_NAMES = {
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+}
+
+
+class Core(Protocol):
+    """What the HTTP front end needs from ``service.core.EmbeddingCore``."""
+
+    async def embed(self, job: EmbedJob) -> EmbedResult: ...
+
+    def model_info(self) -> ModelInfo: ...
+
+    @property
+    def serving(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    max_body_bytes: int
+    created: int  # /v1/models "created": when this process started serving
+
+
+CORE_KEY = web.AppKey("core", Core)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+KEYS_KEY = web.AppKey("keys", ApiKeys)
+CONFIG_KEY = web.AppKey("config", HttpConfig)
+
+
+@dataclass
+class _Seen:
+    """What the access log and metrics need to know about one request, filled as it goes."""
+
+    request_id: str
+    inputs: int = 0
+    tokens: int = 0
+
+
+SEEN_KEY = web.RequestKey("seen", _Seen)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, kind: str, param: str | None, code: str | None) -> web.Response:
+    headers = {"Retry-After": RETRY_AFTER_S[status]} if status in RETRY_AFTER_S else None
+    return web.json_response(error_body(message, kind, param, code), status=status, headers=headers)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _param(field: str | None) -> str | None:
+    """The core names fields as gRPC does (``inputs``, ``token_inputs[3]``); OpenAI says ``input``."""
+    if field is None:
+        return None
+    return re.sub(r"^(?:token_)?inputs\b", "input", field)
+
+
+def _from_exception(exc: BaseException, request_id: str) -> web.Response:
+    public = describe(exc, request_id)
+    return _error(
+        public.http_status, public.message, public.kind, _param(public.field), _snake(public.error_class)
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    if exc.status == 413:
+        message = "request body is too large"
+        return _error(
+            413,
+            f"{message} (limit {exc.text or 'exceeded'})",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    return _error(exc.status, exc.reason, kind, None, _snake(exc.reason.replace(" ", "")))
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _SAFE_REQUEST_ID.match(given) else new_request_id()
+
+
+@web.middleware
+async def _front_door(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, API key, error shape, metrics and the access log: one place for all routes."""
+    started = time.perf_counter()
+    request_id = _request_id(request)
+    request[SEEN_KEY] = _Seen(request_id)
+    route = _ROUTE_NAMES.get(request.path, "model" if request.path.startswith("/v1/models/") else "other")
+    keys = request.app[KEYS_KEY]
+    if request.path not in OPEN_PATHS and not keys.accepts_header(request.headers.get("Authorization")):
+        response: web.StreamResponse = _error(
+            401,
+            "missing or invalid API key (send 'Authorization: Bearer <key>')",
+            "invalid_request_error",
+            None,
+            "invalid_api_key",
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = _from_http_exception(exc)
+        except asyncio.CancelledError:
+            # The client went away (handler_cancellation): nothing to send, but count it.
+            _finish(request, route, 499, started)
+            raise
+        except Exception as exc:  # domain errors and bugs alike go through the one table
+            response = _from_exception(exc, request_id)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    _finish(request, route, response.status, started)
+    return response
+
+
+def _finish(request: web.Request, route: str, status: int, started: float) -> None:
+    latency = time.perf_counter() - started
+    seen = request[SEEN_KEY]
+    request.app[METRICS_KEY].observe_request("http", route, str(status), latency, seen.tokens)
+    if route in ("health", "metrics") and status < 400:
+        return  # probes and scrapes every few seconds would drown the access log
+    log_request(
+        api="http",
+        method=route,
+        request_id=seen.request_id,
+        status=status,
+        inputs=seen.inputs,
+        tokens=seen.tokens,
+        latency_s=latency,
+    )
+
+
+async def _json_body(request: web.Request) -> object:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge over client_max_size
+    try:
+        if len(raw) > _OFFLOAD_BYTES:
+            return await asyncio.to_thread(json.loads, raw)
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("the request body is not valid JSON") from None
+
+
+def _check_model(asked: str | None, info: ModelInfo) -> web.Response | None:
+    if asked is None or asked in (info.model, info.model_id):
+        return None
+    return _error(
+        404,
+        f"model '{asked}' is not served here; GET /v1/models lists it",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    core = request.app[CORE_KEY]
+    seen = request[SEEN_KEY]
+    parsed = parse_embeddings_request(await _json_body(request), seen.request_id)
+    seen.inputs = parsed.job.count
+    info = core.model_info()
+    refused = _check_model(parsed.model, info)
+    if refused is not None:
+        return refused
+    result = await core.embed(parsed.job)
+    seen.tokens = result.usage.input_tokens
+    metrics = request.app[METRICS_KEY]
+    t = result.timings
+    metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
+    metrics.observe_truncated(result.usage.truncated_inputs)
+    body = embeddings_response(result, parsed.encoding_format, info.model)
+    if result.vectors.size > _OFFLOAD_FLOATS:
+        text = await asyncio.to_thread(json.dumps, body)
+    else:
+        text = json.dumps(body)
+    return web.Response(text=text, content_type="application/json")
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    info = request.app[CORE_KEY].model_info()
+    card = model_card(info, request.app[CONFIG_KEY].created)
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    info = request.app[CORE_KEY].model_info()
+    refused = _check_model(request.match_info["model"], info)
+    return refused or web.json_response(model_card(info, request.app[CONFIG_KEY].created))
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    """Mirrors the gRPC health service: 200 SERVING, 503 NOT_SERVING (warming up or draining)."""
+    serving = request.app[CORE_KEY].serving
+    return web.json_response(
+        {"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503
+    )
+
+
+async def metrics_page(request: web.Request) -> web.StreamResponse:
+    body, content_type = request.app[METRICS_KEY].render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def build_app(core: Core, metrics: Metrics, keys: ApiKeys, max_body_bytes: int) -> web.Application:
+    """The aiohttp application; tests may serve it with any runner."""
+    app = web.Application(middlewares=[_front_door], client_max_size=max_body_bytes)
+    app[CORE_KEY] = core
+    app[METRICS_KEY] = metrics
+    app[KEYS_KEY] = keys
+    app[CONFIG_KEY] = HttpConfig(max_body_bytes=max_body_bytes, created=int(time.time()))
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_page)
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    """Only ``/metrics``, for the optional separate metrics port."""
+    app = web.Application()
+    app[METRICS_KEY] = metrics
+    app.router.add_get("/metrics", metrics_page)
+    return app
+
+
+class HttpServer:
+    """Running aiohttp sites (API port, optional metrics port) on the current event loop."""
+
+    def __init__(self, grace_s: float = 5.0) -> None:
+        self._grace_s = grace_s
+        self._runners: list[web.AppRunner] = []
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    async def _serve(
+        self, app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None
+    ) -> int:
+        # handler_cancellation: a client that disconnects cancels its handler, so the batcher
+        # drops its queued inputs instead of computing them for nobody.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=self._grace_s
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        await site.start()
+        address: Any = runner.addresses[0]
+        return int(address[1])
+
+    async def serve_api(
+        self,
+        core: Core,
+        metrics: Metrics,
+        keys: ApiKeys,
+        host: str,
+        port: int,
+        body_limit: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> int:
+        """Serve the API app; returns the bound port (``port=0`` picks a free one)."""
+        self.port = await self._serve(build_app(core, metrics, keys, body_limit), host, port, ssl_context)
+        scheme = "https" if ssl_context is not None else "http"
+        logger.info("HTTP API listening", extra={"url": f"{scheme}://{host}:{self.port}"})
+        return self.port
+
+    async def serve_metrics(
+        self, metrics: Metrics, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
+        """Serve only ``/metrics`` on a port of its own."""
+        self.metrics_port = await self._serve(build_metrics_app(metrics), host, port, ssl_context)
+        logger.info("metrics listening", extra={"port": self.metrics_port})
+        return self.metrics_port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await runner.cleanup()
+
+
+def max_body_bytes(max_message_bytes: int) -> int:
+    return BODY_LIMIT_FACTOR * max_message_bytes

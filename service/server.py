@@ -1,0 +1,172 @@
+"""The gRPC server: servicer + standard health + reflection, and the process lifecycle.
+
+Health (``grpc.health.v1``) follows the core's state for both the overall ``""`` service and
+``embedding.v1.EmbeddingService``: NOT_SERVING while warming up, SERVING when ready, NOT_SERVING
+again while draining. Kubernetes' native gRPC probes read it; no probe binary is needed.
+
+Reflection (v1alpha, what grpcio-reflection serves and grpcurl 1.8 speaks) lets
+``grpcurl -plaintext HOST:PORT list|describe`` work without the proto file.
+
+Shutdown on SIGTERM/SIGINT: the core drains (health NOT_SERVING at once, new work UNAVAILABLE,
+accepted work finishes), bounded by ``grace_period_s``; then the server stops and we exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service.auth import ApiKeyError
+from service.core import EmbeddingCore
+from service.domain import CoreState
+from service.edge import Edge
+from service.pb.embedding.v1 import embedding_pb2 as pb
+from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from service.runtime import StartupError
+from service.servicer import EmbeddingServicer
+from service.settings import Settings
+from service.tls import TlsConfigError
+
+log = logging.getLogger("service.server")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _HealthBridge:
+    """Mirrors the core's state into the (async) health servicer for "" and the service."""
+
+    def __init__(self, health: health_aio.HealthServicer) -> None:
+        self._health = health
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, state: CoreState) -> None:
+        status = _SERVING if state == "ready" else _NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self._set(status))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+
+def build_server(
+    settings: Settings,
+    core: EmbeddingCore,
+    *,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """A configured, not yet started ``grpc.aio`` server bound to settings.host:settings.port.
+
+    Returns the server and the bound port (useful with port 0). Must be called with a running
+    event loop. ``interceptors`` / ``credentials`` are the hooks for API keys and TLS.
+    """
+    limit = settings.max_message_bytes
+    server = grpc.aio.server(
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    core.add_state_listener(_HealthBridge(health))
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+        raise StartupError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise StartupError(f"cannot listen on {address}")
+    return server, port
+
+
+async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean shutdown, 2 when start-up failed."""
+    try:  # keys, TLS, metrics and the HTTP front end (service/edge.py)
+        edge = Edge.from_settings(settings)
+    except (ApiKeyError, TlsConfigError) as exc:
+        print(f"embed-serve: error: {exc}", file=sys.stderr)
+        return 2
+    core = core or EmbeddingCore(settings, on_batch=edge.metrics.observe_batch)
+    edge.observe_core(core)
+    try:
+        server, port = build_server(
+            settings, core, interceptors=edge.grpc_interceptors(), credentials=edge.grpc_credentials()
+        )
+    except StartupError as exc:
+        print(f"embed-serve: error: {exc}", file=sys.stderr)
+        return 2
+    await server.start()
+    log.info("gRPC listening on %s:%d (health NOT_SERVING until the model is ready)", settings.host, port)
+    try:  # before the model loads, so /health answers 503 while warming up
+        http = await edge.start_http(core)
+    except OSError as exc:
+        print(f"embed-serve: error: cannot start HTTP: {exc}", file=sys.stderr)
+        await server.stop(0)
+        return 2
+    try:
+        return await _run(settings, core, server, port)
+    finally:
+        if http is not None:
+            await http.stop()
+
+
+async def _run(settings: Settings, core: EmbeddingCore, server: grpc.aio.Server, port: int) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(core.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        print(f"embed-serve: error: {starting.exception()}", file=sys.stderr)
+        stopping.cancel()
+        await server.stop(0)
+        await core.close()
+        return 2
+    if not starting.done():  # stopped while still loading
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StartupError):
+            await starting
+    else:
+        log.info("ready: %s on port %d", core.model_name, port)
+        await stopping
+    await shutdown(server, core, settings.grace_period_s)
+    return 0
+
+
+async def shutdown(server: grpc.aio.Server, core: EmbeddingCore, grace_period_s: float) -> None:
+    """Drain the core within the grace period, then stop the server (cancelling what is left)."""
+    began = time.monotonic()
+    log.info("shutting down: draining for up to %.1fs", grace_period_s)
+    try:
+        await asyncio.wait_for(core.drain(), grace_period_s)
+    except TimeoutError:
+        log.warning("grace period over with work still in flight; cancelling it")
+    await server.stop(max(0.0, grace_period_s - (time.monotonic() - began)))
+    await core.close()
+    log.info("stopped")

@@ -1,0 +1,101 @@
+"""Parity of the fused and chunked graphs with the unfused export; structure of the chunked graph."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.passes import PassError, apply_graph_variant, default_query_chunk, op_counts
+from tests.perf.conftest import padded_batch, session
+
+
+def _copy(src: Path, dst_dir: Path) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.parent.iterdir():
+        shutil.copy(f, dst_dir / f.name)
+    return dst_dir / src.name
+
+
+@pytest.fixture(scope="module")
+def fused(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = _copy(opset23_onnx, tmp_path_factory.mktemp("fused"))
+    report = apply_graph_variant(path, "fused")
+    assert report.gqa_attention_nodes == 2
+    return path
+
+
+@pytest.fixture(scope="module")
+def chunked(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = _copy(opset23_onnx, tmp_path_factory.mktemp("chunked"))
+    # Small blocks so that 2k–4k tokens run many Loop iterations (and a ragged last block).
+    report = apply_graph_variant(path, "chunked", query_chunk=384, mlp_chunk=640)
+    assert report.attention_query_chunk == 384 and report.mlp_chunk == 640
+    return path
+
+
+def _run(path: Path, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    return list(session(path).run(None, {"input_ids": ids, "attention_mask": mask}))  # type: ignore[attr-defined]
+
+
+def test_fused_graph_uses_native_ops_and_no_repeat_kv(fused: Path) -> None:
+    counts = op_counts(onnx.load(str(fused), load_external_data=False))
+    assert counts["Attention"] == 2 and counts["RotaryEmbedding"] == 4 and counts["RMSNormalization"] == 5
+    assert counts["Expand"] == 0  # the GQA repeat_kv copies are gone
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_matches_unfused(plain_onnx: Path, fused: Path, side: str) -> None:
+    ids, mask = padded_batch([5, 37, 64, 1, 50], side)
+    plain, ours = _run(plain_onnx, ids, mask), _run(fused, ids, mask)
+    assert np.abs(plain[0] - ours[0]).max() <= 1e-6
+    assert np.allclose(plain[1], ours[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_chunked_matches_fused_at_long_lengths(fused: Path, chunked: Path, side: str) -> None:
+    ids, mask = padded_batch([2500, 900], side, seed=1)
+    reference, ours = _run(fused, ids, mask), _run(chunked, ids, mask)
+    assert np.abs(reference[0] - ours[0]).max() <= 1e-6
+    alone = _run(chunked, ids[1:, -900:] if side == "left" else ids[1:, :900], np.ones((1, 900), np.int64))
+    assert np.abs(alone[0][0] - ours[0][1]).max() <= 1e-6
+
+
+def test_chunked_matches_unfused_short(plain_onnx: Path, chunked: Path) -> None:
+    ids, mask = padded_batch([3, 17, 1], "left", seed=2)
+    assert np.abs(_run(plain_onnx, ids, mask)[0] - _run(chunked, ids, mask)[0]).max() <= 1e-6
+
+
+def test_chunked_graph_has_no_square_intermediate(chunked: Path, tmp_path: Path) -> None:
+    """Expose every top-level value as an output and run at S=1000: none may have two axes of S."""
+    model = onnx.load(str(chunked))
+    declared = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in declared:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+    probe = tmp_path / "probe.onnx"
+    onnx.save(model, str(probe))
+    seq = 1000
+    ids, mask = padded_batch([seq, 400], "right", seed=3)
+    sess = session(probe)
+    names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
+    values = sess.run(None, {"input_ids": ids, "attention_mask": mask})  # type: ignore[attr-defined]
+    square = [n for n, v in zip(names, values, strict=True) if sum(d == seq for d in np.shape(v)) >= 2]
+    assert square == []
+    counts = op_counts(onnx.load(str(chunked), load_external_data=False), include_subgraphs=False)
+    assert counts["Attention"] == 0 and counts["Loop"] == 4  # 2 attention + 2 MLP loops
+
+
+def test_chunked_needs_the_opset23_export(plain_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(PassError, match="opset-23"):
+        apply_graph_variant(plain_onnx, "chunked", out=tmp_path / "x.onnx")
+
+
+def test_default_query_chunk_bounds_the_score_block() -> None:
+    assert default_query_chunk(num_heads=4, max_tokens=32768) == 1024
+    assert default_query_chunk(num_heads=28, max_tokens=32768) == 128
+    assert default_query_chunk(num_heads=14, max_tokens=8192) == 1024

@@ -1,0 +1,54 @@
+"""The served int8 route (dynamic int8, one unpadded text per run) is batch-invariant; static QDQ is
+invariant inside a padded batch. Both stay close to fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.passes import apply_graph_variant
+from export.passes.int8 import quantize_dynamic_int8, quantize_static_qdq
+from tests.perf.conftest import padded_batch, session
+
+
+@pytest.fixture(scope="module")
+def base(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "base.onnx"
+    apply_graph_variant(opset23_onnx, "chunked", mlp_chunk=None, out=out)
+    return out
+
+
+def _vectors(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(session(path).run(None, {"input_ids": ids, "attention_mask": mask})[0])  # type: ignore[attr-defined]
+
+
+def _alone(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    rows = [ids[r : r + 1, mask[r] == 1] for r in range(len(ids))]
+    return np.concatenate([_vectors(path, row, np.ones_like(row)) for row in rows])
+
+
+def test_dynamic_int8_served_per_text_is_invariant(base: Path, tmp_path: Path) -> None:
+    q = tmp_path / "dyn.onnx"
+    counts = quantize_dynamic_int8(base, q)
+    assert counts["MatMulInteger"] > 0
+    ids, mask = padded_batch([12, 60, 33], "right", seed=4)
+    # Served route: one unpadded text per run — the same text alone or "in a batch" is the same call.
+    per_text = _alone(q, ids, mask)
+    other_neighbours, other_mask = padded_batch([12, 5, 90], "left", seed=4)
+    again = _alone(q, other_neighbours, other_mask)
+    assert np.array_equal(per_text[0], again[0])
+    fp32 = _alone(base, ids, mask)
+    assert (per_text * fp32).sum(-1).min() >= 0.99
+
+
+def test_static_qdq_is_invariant_inside_a_padded_batch(base: Path, tmp_path: Path) -> None:
+    q = tmp_path / "qdq.onnx"
+    rng = np.random.default_rng(0)
+    calib = [(rng.integers(0, 151646, (2, n)), np.ones((2, n), np.int64)) for n in (16, 64)]
+    quantize_static_qdq(base, q, calib)
+    ids, mask = padded_batch([12, 60, 33, 7], "left", seed=5)
+    batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
+    assert (batched * alone).sum(-1).min() >= 0.999
+    assert (batched * _vectors(base, ids, mask)).sum(-1).min() >= 0.98

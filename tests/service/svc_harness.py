@@ -1,0 +1,70 @@
+"""In-process server harness: core + grpc.aio server on port 0 + a real channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from bundle.manifest import Manifest
+from service.core import EmbeddingCore, ort_runtime
+from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
+from service.runtime import Runtime
+from service.server import build_server
+from service.settings import Settings
+
+
+def settings_for(bundle: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"model_dir": bundle, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def factory_for(runtime: Runtime | None) -> Callable[[Settings, Manifest, Path, int], Runtime]:
+    if runtime is None:
+        return ort_runtime
+    return lambda settings, manifest, directory, max_tokens: runtime
+
+
+@dataclass
+class Harness:
+    core: EmbeddingCore
+    stub: pb_grpc.EmbeddingServiceStub
+    health: health_pb2_grpc.HealthStub
+    channel: grpc.aio.Channel
+    server: grpc.aio.Server
+    port: int
+    settings: Settings
+
+
+@asynccontextmanager
+async def serving(bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> AsyncIterator[Harness]:
+    """Core + gRPC server on 127.0.0.1:0 and a real grpc.aio channel to it."""
+    settings = settings_for(bundle, **overrides)
+    core = EmbeddingCore(settings, runtime_factory=factory_for(runtime))
+    server, port = build_server(settings, core)
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+    )
+    try:
+        await core.start()
+        yield Harness(
+            core,
+            pb_grpc.EmbeddingServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+            channel,
+            server,
+            port,
+            settings,
+        )
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await core.close()
