@@ -33,5 +33,9 @@ test: proto-check lint typecheck pytest
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+chart: install
+	scripts/install-helm.sh
+	$(PY) -m pytest -q tests/chart
+
 gpu-check:
 	python3 bench/gpu_check.py

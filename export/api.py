@@ -18,7 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from bundle.manifest import FORMAT_VERSION, GoldenVector, GraphSpec, Manifest, Pooling, Precision, TokenizerSpec
+from bundle.manifest import (
+    FORMAT_VERSION,
+    GoldenVector,
+    GraphSpec,
+    Manifest,
+    Pooling,
+    Precision,
+    TokenizerSpec,
+)
 from export import precision as prec
 from export.checkpoint import Checkpoint, load_checkpoint
 from export.corpus import GOLDEN_TEXTS, QUERY, CorpusTokenizer, validation_sequences
@@ -67,8 +75,12 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def _reference(ckpt: Checkpoint, options: ExportOptions) -> Reference:
@@ -88,8 +100,15 @@ def _golden(session: object, tok: CorpusTokenizer, ckpt: Checkpoint) -> list[Gol
     out = []
     for ex in examples:
         emb, _ = run_padded(session, [ex.token_ids], ckpt.pad_id, "right")
-        out.append(GoldenVector(text=ex.text, input_type=ex.input_type, task=ex.task, token_ids=ex.token_ids,
-                                embedding=[float(v) for v in emb[0]]))
+        out.append(
+            GoldenVector(
+                text=ex.text,
+                input_type=ex.input_type,
+                task=ex.task,
+                token_ids=ex.token_ids,
+                embedding=[float(v) for v in emb[0]],
+            )
+        )
     return out
 
 
@@ -132,14 +151,17 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
                 artifact = prec.produce(ckpt, stage, MODEL_FILE, precision, opset=opset, options=opts)
             with _step("validating against the reference"):
                 session = ort_session(stage / MODEL_FILE, opts.threads)
-                seqs = validation_sequences(tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens))
+                seqs = validation_sequences(
+                    tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens)
+                )
                 metrics = gate(measure(session, _reference(ckpt, opts), seqs, ckpt.pad_id), precision)
                 metrics.update(artifact.checks)
                 golden = _golden(session, tok, ckpt)
                 del session
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
-                model_id=opts.model_id or (resolved.id if resolved.kind != "folder" else resolved.folder.name),
+                model_id=opts.model_id
+                or (resolved.id if resolved.kind != "folder" else resolved.folder.name),
                 source=resolved.source(ckpt.content_sha256 if resolved.kind != "hub" else None),
                 family=ckpt.family.name,
                 model_type=str(ckpt.config["model_type"]),
@@ -150,8 +172,12 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
                 batch_invariant=artifact.batch_invariant,
                 graph=GraphSpec(file=MODEL_FILE, external_data=artifact.external_data, opset=opset),
                 tokenizer=TokenizerSpec(
-                    prefix_ids=ckpt.prefix_ids, suffix_ids=ckpt.suffix_ids, pad_id=ckpt.pad_id,
-                    eos_token=ckpt.eos_token, eos_id=ckpt.eos_id, vocab_size=ckpt.tokenizer_vocab_size,
+                    prefix_ids=ckpt.prefix_ids,
+                    suffix_ids=ckpt.suffix_ids,
+                    pad_id=ckpt.pad_id,
+                    eos_token=ckpt.eos_token,
+                    eos_id=ckpt.eos_id,
+                    vocab_size=ckpt.tokenizer_vocab_size,
                     lowercase=ckpt.lowercase,
                 ),
                 prompts=ckpt.prompts,

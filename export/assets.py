@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 from bundle import file_sha256
 from export.errors import SourceError
@@ -93,8 +94,14 @@ def write_qwen2_tokenizer(out_dir: Path, *, model_max_length: int = 32768) -> No
     tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] in QWEN2_SPECIALS]
     (out_dir / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     specials = {
-        str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True}
+        str(i): {
+            "content": c,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, c in QWEN2_SPECIALS.items()
     }
     config = {
@@ -120,6 +127,21 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _add_massive_activation(model: Any, per_layer: float, bias: float = 100.0) -> None:
+    """Make every layer add ``per_layer`` to residual channel 0 (see ``build_tiny_qwen2``)."""
+    # Token content must still dominate what the norms let through, so raise the ordinary
+    # activations (embedding) and shrink channel 0's gains, as trained LLMs do.
+    model.embed_tokens.weight.mul_(50.0)
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.v_proj.bias.fill_(bias)
+        width = attn.o_proj.weight.shape[1]
+        attn.o_proj.weight[0, :] = per_layer / (bias * width)
+        layer.input_layernorm.weight[0] = 1e-3
+        layer.post_attention_layernorm.weight[0] = 1e-3
+    model.norm.weight[0] = 1e-3
+
+
 def build_tiny_qwen2(
     out_dir: Path,
     *,
@@ -134,7 +156,7 @@ def build_tiny_qwen2(
     rope_theta: float = 1_000_000.0,
     rms_norm_eps: float = 1e-6,
     is_causal: bool = False,
-    down_proj_scale: float = 1.0,
+    massive_activation: float = 0.0,
 ) -> Path:
     """Build a seeded random gte-Qwen2 checkpoint folder laid out like the Hugging Face repo.
 
@@ -144,9 +166,11 @@ def build_tiny_qwen2(
         seed: the same seed gives the same weights (tests compare across processes).
         is_causal: the value written into config.json. The exporter must ignore it (it always
             exports bidirectional attention); tests build a ``True`` copy to prove that.
-        down_proj_scale: multiplies every MLP ``down_proj`` weight, so the residual stream grows
-            by a roughly constant amount per layer. Large values make the "overflow stress
-            model": per-layer outputs stay inside fp16 range, their running sum does not.
+        massive_activation: when > 0, builds the "overflow stress model": every layer's attention
+            adds about this much to residual channel 0 for every token (a large ``v_proj`` bias
+            passes through softmax unchanged, and ``o_proj`` maps it onto channel 0), and the norm
+            gains of channel 0 are small — the "massive activation" pattern of real LLMs. Each
+            layer's output fits fp16; their running sum exceeds 65504 after a few layers.
 
     Returns:
         ``out_dir``.
@@ -163,7 +187,7 @@ def build_tiny_qwen2(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         rms_norm_eps=rms_norm_eps,
         use_sliding_window=False,
         use_cache=False,
@@ -174,14 +198,16 @@ def build_tiny_qwen2(
     config.is_causal = is_causal
     config.architectures = ["Qwen2Model"]
     torch.manual_seed(seed)
-    model = Qwen2Model(config).eval()
+    model: Any = Qwen2Model(config)  # transformers modules are untyped; attributes are dynamic
+    model.eval()
     with torch.no_grad():
         for layer in model.layers:
-            layer.mlp.down_proj.weight.mul_(down_proj_scale)
             # Random RMSNorm gains (ones by default) so the reference must apply them to match.
             layer.input_layernorm.weight.uniform_(0.5, 1.5)
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
         model.norm.weight.uniform_(0.5, 1.5)
+        if massive_activation > 0:
+            _add_massive_activation(model, massive_activation)
     model.save_pretrained(out_dir, safe_serialization=True)
     del model
 
@@ -213,6 +239,8 @@ def build_tiny_qwen2(
             "default_prompt_name": None,
         },
     )
-    _write_json(out_dir / "sentence_bert_config.json", {"max_seq_length": max_position_embeddings,
-                                                        "do_lower_case": False})
+    _write_json(
+        out_dir / "sentence_bert_config.json",
+        {"max_seq_length": max_position_embeddings, "do_lower_case": False},
+    )
     return out_dir

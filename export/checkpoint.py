@@ -197,7 +197,9 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         eos_token = tok.eos_token
         eos_id = tok.convert_tokens_to_ids(eos_token) if eos_token else None
         if eos_token is None or eos_id is None or eos_id == tok.unk_token_id:
-            raise TokenizerMismatch(f"{folder}: the tokenizer defines no EOS token, which {family.name} pools")
+            raise TokenizerMismatch(
+                f"{folder}: the tokenizer defines no EOS token, which {family.name} pools"
+            )
         suffix = [int(eos_id)]
     if family.wrap_cls_sep:
         if tok.cls_token_id is None or tok.sep_token_id is None:

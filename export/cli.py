@@ -23,17 +23,28 @@ def _parser() -> argparse.ArgumentParser:
         description="Export a Hugging Face checkpoint to a validated ONNX embedding bundle. "
         f"Supported families: {supported_summary()}.",
     )
-    p.add_argument("--model", required=True,
-                   help="hub id, checkpoint folder, builtin:all-MiniLM-L6-v2 or builtin:tiny-gte-qwen2")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="hub id, checkpoint folder, builtin:all-MiniLM-L6-v2 or builtin:tiny-gte-qwen2",
+    )
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    p.add_argument("--int8-method", choices=["dynamic", "weight-only", "qdq"], default="dynamic",
-                   help="dynamic: fastest on CPU, batch-dependent (served one text per run); "
-                   "weight-only: MatMulNBits, CPU/CUDA, batch invariant; qdq: static QDQ for TensorRT")
+    p.add_argument(
+        "--int8-method",
+        choices=["dynamic", "weight-only", "qdq"],
+        default="dynamic",
+        help="dynamic: fastest on CPU, batch-dependent (served one text per run); "
+        "weight-only: MatMulNBits, CPU/CUDA, batch invariant; qdq: static QDQ for TensorRT",
+    )
     p.add_argument("--revision", help="hub revision (commit, tag or branch)")
     p.add_argument("--model-id", help="name recorded in the manifest (default: source id)")
-    p.add_argument("--external-data", choices=["auto", "always", "never"], default="auto",
-                   help="weights in a side file: auto = when the model passes 2 GB")
+    p.add_argument(
+        "--external-data",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="weights in a side file: auto = when the model passes 2 GB",
+    )
     p.add_argument("--max-input-tokens", type=int, help="override the model's input limit")
     p.add_argument("--validation-max-length", type=int, default=64, help="longest validation sequence")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for validation")
@@ -44,16 +55,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def quiet_libraries() -> None:
     """The exporter stack logs hundreds of INFO lines per export; keep ours, drop theirs."""
-    for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.onnx._internal.exporter._registration",
-                 "torch._dynamo"):
+    for name in (
+        "onnxscript",
+        "onnx_ir",
+        "torch.onnx",
+        "torch.onnx._internal.exporter._registration",
+        "torch._dynamo",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     # onnxruntime.quantization warns on the root logger ("consider pre-processing"): not actionable.
     logging.getLogger().setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     except ImportError:  # pragma: no cover - transformers is a hard dependency of export
         pass
 
@@ -72,10 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         manifest = export_bundle(
-            args.model, args.out, args.precision, revision=args.revision, model_id=args.model_id,
-            int8_method=args.int8_method, external_data=args.external_data,
-            max_input_tokens=args.max_input_tokens, validation_max_length=args.validation_max_length,
-            threads=args.threads, overwrite=args.overwrite,
+            args.model,
+            args.out,
+            args.precision,
+            revision=args.revision,
+            model_id=args.model_id,
+            int8_method=args.int8_method,
+            external_data=args.external_data,
+            max_input_tokens=args.max_input_tokens,
+            validation_max_length=args.validation_max_length,
+            threads=args.threads,
+            overwrite=args.overwrite,
         )
     except ExportError as exc:
         print(f"embed-export: error: {exc}", file=sys.stderr)
@@ -83,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
     if not args.quiet:
-        print(f"{args.out}: {manifest.family} {manifest.precision} bundle, dim {manifest.dim}, "
-              f"validation max_abs {manifest.validation.get('max_abs')}, min_cos {manifest.validation.get('min_cos')}")
+        checks = manifest.validation
+        print(
+            f"{args.out}: {manifest.family} {manifest.precision} bundle, dim {manifest.dim}, "
+            f"validation max_abs {checks.get('max_abs')}, min_cos {checks.get('min_cos')}"
+        )
     return 0
 
 

@@ -51,7 +51,9 @@ class CorpusTokenizer:
         ids = self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [int(i) for i in ids]
 
-    def example(self, text: str, input_type: InputType = "document", prompts: PromptSpec | None = None) -> Example:
+    def example(
+        self, text: str, input_type: InputType = "document", prompts: PromptSpec | None = None
+    ) -> Example:
         task = None
         model_text = text
         if input_type == "query" and prompts is not None and prompts.query_template is not None:
@@ -89,7 +91,9 @@ class CorpusTokenizer:
                 )
 
 
-def validation_sequences(tok: CorpusTokenizer, prompts: PromptSpec, max_length: int, seed: int = 0) -> list[list[int]]:
+def validation_sequences(
+    tok: CorpusTokenizer, prompts: PromptSpec, max_length: int, seed: int = 0
+) -> list[list[int]]:
     """The validation corpus: real texts (incl. an instructed query) plus random ids of lengths 1..N.
 
     Random sequences keep the family's framing (EOS last for qwen2, [CLS]…[SEP] for BERT) so the

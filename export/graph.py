@@ -31,10 +31,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Te
         weights = mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
     positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype).unsqueeze(0)
-    if pooling == "last_token":
-        index = (mask * positions).argmax(dim=1)
-    else:  # "cls": the first real token, wherever padding put it
-        index = mask.argmax(dim=1)
+    # "cls" takes the first real token, wherever padding put it
+    index = (mask * positions).argmax(dim=1) if pooling == "last_token" else mask.argmax(dim=1)
     gather = index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, gather).squeeze(1)
 
@@ -48,7 +46,9 @@ class Embedder(nn.Module):
         self.pooling: Pooling = pooling
         self.token_type_ids = token_type_ids
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         kwargs: dict[str, Any] = {"position_ids": position_ids}
         if self.token_type_ids:
@@ -81,14 +81,22 @@ def load_backbone(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, causa
         )
     else:
         model = BertModel.from_pretrained(
-            folder, config=config, dtype=dtype, attn_implementation="sdpa", add_pooling_layer=False,
+            folder,
+            config=config,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            add_pooling_layer=False,
             local_files_only=True,
         )
     return model.eval()
 
 
 def build_embedder(
-    ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, causal: bool = False, pooling: Pooling | None = None
+    ckpt: Checkpoint,
+    *,
+    dtype: torch.dtype = torch.float32,
+    causal: bool = False,
+    pooling: Pooling | None = None,
 ) -> Embedder:
     """The exportable module for ``ckpt``. ``pooling`` overrides the checkpoint's (test hook)."""
     backbone = load_backbone(ckpt, dtype=dtype, causal=causal)

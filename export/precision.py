@@ -59,7 +59,9 @@ class Fp16Island(nn.Module):
         self.inner = inner.half()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.inner(*_cast(args, torch.float16), **{k: _cast(v, torch.float16) for k, v in kwargs.items()})
+        out = self.inner(
+            *_cast(args, torch.float16), **{k: _cast(v, torch.float16) for k, v in kwargs.items()}
+        )
         return _cast(out, torch.float32)
 
 
@@ -69,7 +71,7 @@ def _islands(embedder: Embedder, family: str) -> Embedder:
     Only small modules are upcast (norm gains, RoPE frequencies), so a model loaded in fp16 is
     never materialised in fp32 as a whole.
     """
-    backbone = embedder.backbone
+    backbone: Any = embedder.backbone  # a transformers model: attributes are dynamic
     if family == "qwen2":
         for layer in backbone.layers:
             layer.self_attn = Fp16Island(layer.self_attn)
@@ -99,12 +101,17 @@ def _fp16_embedder(ckpt: Checkpoint, mode: Fp16Mode, **kw: Any) -> Embedder:
     return _islands(embedder, ckpt.family.name)
 
 
-def produce(ckpt: Checkpoint, stage: Path, name: str, precision: Precision, *, opset: int,
-            options: ExportOptions) -> Artifact:
+def produce(
+    ckpt: Checkpoint, stage: Path, name: str, precision: Precision, *, opset: int, options: ExportOptions
+) -> Artifact:
     """Write ``stage/name`` (+ external data) in ``precision`` and return what was produced."""
     hooks: dict[str, Any] = {"causal": options.debug_causal, "pooling": options.debug_pooling}
-    export_kw: dict[str, Any] = {"pad_id": ckpt.pad_id, "vocab_size": ckpt.vocab_size, "opset": opset,
-                                 "external_data": options.external_data}
+    export_kw: dict[str, Any] = {
+        "pad_id": ckpt.pad_id,
+        "vocab_size": ckpt.vocab_size,
+        "opset": opset,
+        "external_data": options.external_data,
+    }
     if precision == "fp16":
         embedder = _fp16_embedder(ckpt, options.fp16_mode, **hooks)
         files = export_onnx(embedder, stage / name, **export_kw)
@@ -117,9 +124,14 @@ def produce(ckpt: Checkpoint, stage: Path, name: str, precision: Precision, *, o
     try:
         export_onnx(embedder, work / name, **export_kw)
         del embedder  # the quantiser needs the memory more than we need the torch model
-        calibration = quantize.calibration_batches(ckpt) if options.int8_method == "qdq" else []
-        result = quantize.quantize(work / name, stage / name, options.int8_method, calibration,
-                                   external_data=options.external_data)
+        calibration = (
+            quantize.calibration_batches(ckpt, options.validation_max_length)
+            if options.int8_method == "qdq"
+            else []
+        )
+        result = quantize.quantize(
+            work / name, stage / name, options.int8_method, calibration, external_data=options.external_data
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return Artifact(result.external_data, batch_invariant=result.batch_invariant, checks=result.checks)

@@ -35,7 +35,9 @@ class ReferenceOutput:
     max_abs_residual: float  # largest |value| in the residual stream: the fp16 overflow risk
 
 
-def load_weights(files: Sequence[Path], dtype: torch.dtype, strip: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def load_weights(
+    files: Sequence[Path], dtype: torch.dtype, strip: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
     """All tensors from safetensors ``files`` in ``dtype``, with a leading prefix removed."""
     from safetensors import safe_open
 
@@ -43,7 +45,7 @@ def load_weights(files: Sequence[Path], dtype: torch.dtype, strip: Sequence[str]
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                name = next((key[len(p):] for p in strip if key.startswith(p)), key)
+                name = next((key[len(p) :] for p in strip if key.startswith(p)), key)
                 out[name] = fh.get_tensor(key).to(dtype)
     return out
 
@@ -98,7 +100,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def qwen2_encode(
-    w: Weights, config: Mapping[str, Any], seqs: Sequence[Sequence[int]], *, pooling: Pooling = "last_token",
+    w: Weights,
+    config: Mapping[str, Any],
+    seqs: Sequence[Sequence[int]],
+    *,
+    pooling: Pooling = "last_token",
     causal: bool = False,
 ) -> ReferenceOutput:
     """Qwen2 encoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP; bidirectional by default."""
@@ -160,7 +166,11 @@ def _gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def bert_encode(
-    w: Weights, config: Mapping[str, Any], seqs: Sequence[Sequence[int]], *, pooling: Pooling = "mean",
+    w: Weights,
+    config: Mapping[str, Any],
+    seqs: Sequence[Sequence[int]],
+    *,
+    pooling: Pooling = "mean",
     causal: bool = False,
 ) -> ReferenceOutput:
     """BERT encoder: absolute positions, post-LayerNorm blocks, GELU MLP; bidirectional."""
@@ -189,7 +199,9 @@ def bert_encode(
         p = f"encoder.layer.{layer}."
         q, k, v = (split(linear(x, p + f"attention.self.{n}")) for n in ("query", "key", "value"))
         ctx = _attend(q, k, v, bias).transpose(1, 2).reshape(batch, width, hidden)
-        x = _layer_norm(x + linear(ctx, p + "attention.output.dense"), w, p + "attention.output.LayerNorm", eps)
+        x = _layer_norm(
+            x + linear(ctx, p + "attention.output.dense"), w, p + "attention.output.LayerNorm", eps
+        )
         inner = _gelu(linear(x, p + "intermediate.dense"), str(config.get("hidden_act", "gelu")))
         x = _layer_norm(x + linear(inner, p + "output.dense"), w, p + "output.LayerNorm", eps)
         max_abs = max(max_abs, float(x[valid].abs().max()))
@@ -199,8 +211,16 @@ def bert_encode(
 class Reference:
     """The reference for one checkpoint: weights loaded once, ``encode`` per batch of id lists."""
 
-    def __init__(self, family: str, config: Mapping[str, Any], weight_files: Sequence[Path], pooling: Pooling,
-                 *, dtype: torch.dtype = torch.float64, causal: bool = False) -> None:
+    def __init__(
+        self,
+        family: str,
+        config: Mapping[str, Any],
+        weight_files: Sequence[Path],
+        pooling: Pooling,
+        *,
+        dtype: torch.dtype = torch.float64,
+        causal: bool = False,
+    ) -> None:
         self.family, self.config, self.pooling, self.causal = family, config, pooling, causal
         strip = ("model.",) if family == "qwen2" else ("bert.",)
         self.weights = load_weights(weight_files, dtype, strip)

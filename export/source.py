@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bundle.manifest import Source
 from export.assets import build_tiny_qwen2, minilm_dir
@@ -26,13 +27,12 @@ BUILTINS: dict[str, Callable[[Path], Path]] = {
 @dataclass(frozen=True)
 class Resolved:
     folder: Path
-    kind: str  # "folder" | "builtin" | "hub"
+    kind: Literal["folder", "builtin", "hub"]
     id: str
     revision: str | None = None
 
     def source(self, content_sha256: str | None) -> Source:
-        return Source(kind=self.kind, id=self.id, revision=self.revision,  # type: ignore[arg-type]
-                      content_sha256=content_sha256)
+        return Source(kind=self.kind, id=self.id, revision=self.revision, content_sha256=content_sha256)
 
 
 def _download(repo_id: str, revision: str | None) -> Resolved:
@@ -60,12 +60,17 @@ def resolve(model: str | Path, scratch: Path, revision: str | None = None) -> Re
     if text.startswith("builtin:"):
         name = text.removeprefix("builtin:")
         if name not in BUILTINS:
-            raise SourceError(f"unknown builtin {name!r}; available: {', '.join('builtin:' + b for b in BUILTINS)}")
+            raise SourceError(
+                f"unknown builtin {name!r}; available: {', '.join('builtin:' + b for b in BUILTINS)}"
+            )
         return Resolved(BUILTINS[name](scratch), "builtin", name)
     path = Path(text).expanduser()
     if path.exists() or isinstance(model, Path) or not _HUB_ID.match(text):
         if not path.is_dir():
-            raise SourceError(f"model folder {path} does not exist" if not path.exists()
-                              else f"model path {path} is not a folder")
+            raise SourceError(
+                f"model folder {path} does not exist"
+                if not path.exists()
+                else f"model path {path} is not a folder"
+            )
         return Resolved(path.resolve(), "folder", str(path.resolve()))
     return _download(text, revision)

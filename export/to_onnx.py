@@ -86,6 +86,10 @@ def export_onnx(
     )
     started = time.perf_counter()
     program.save(str(path), external_data=use_external)
-    log.info("saved %s%s in %.1f s", path.name, " + external data" if use_external else "",
-             time.perf_counter() - started)
+    log.info(
+        "saved %s%s in %.1f s",
+        path.name,
+        " + external data" if use_external else "",
+        time.perf_counter() - started,
+    )
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + ".") and p.is_file())

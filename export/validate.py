@@ -51,7 +51,9 @@ def ort_session(model: Path, threads: int = 2) -> object:
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def run_padded(session: object, seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
+def run_padded(
+    session: object, seqs: Sequence[Sequence[int]], pad_id: int, side: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Run ``seqs`` as one batch padded on ``side``; returns (embeddings, norms)."""
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
@@ -69,7 +71,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a * b).sum(-1) / np.maximum(den, 1e-30))
 
 
-def measure(session: object, reference: Reference, seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, float | int]:
+def measure(
+    session: object, reference: Reference, seqs: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, float | int]:
     """All grid metrics (no judgement); NaN/inf anywhere shows up as ``finite = 0``."""
     ref = reference.encode(seqs)
     alone = [run_padded(session, [s], pad_id, "right") for s in seqs]
@@ -85,7 +89,9 @@ def measure(session: object, reference: Reference, seqs: Sequence[Sequence[int]]
             # Pad a short tail batch with the longest sequences so every batch has neighbours.
             while len(idx) < min(size, len(seqs)):
                 idx.append(int(np.argmax([len(s) for s in seqs])))
-            sides = {side: run_padded(session, [seqs[i] for i in idx], pad_id, side) for side in ("left", "right")}
+            sides = {
+                side: run_padded(session, [seqs[i] for i in idx], pad_id, side) for side in ("left", "right")
+            }
             runs += 2
             for emb, norm in sides.values():
                 outputs.append(emb)
@@ -121,13 +127,26 @@ def gate(metrics: dict[str, float | int], precision: Precision) -> dict[str, flo
     if metrics["min_cos"] <= tol.min_cos:
         failures.append(f"min cosine to the reference {metrics['min_cos']:.6f} ≤ {tol.min_cos}")
     if metrics["batch_min_cos"] <= tol.min_batch_cos:
-        failures.append(f"batch invariance: min cosine alone vs batched {metrics['batch_min_cos']:.6f} "
-                        f"≤ {tol.min_batch_cos}")
+        failures.append(
+            f"batch invariance: min cosine alone vs batched {metrics['batch_min_cos']:.6f} "
+            f"≤ {tol.min_batch_cos}"
+        )
     if failures:
-        raise ValidationFailed(f"{precision} graph failed validation against the reference: " + "; ".join(failures))
+        raise ValidationFailed(
+            f"{precision} graph failed validation against the reference: " + "; ".join(failures)
+        )
     result: dict[str, float | int | str | bool] = dict(metrics)
-    result.update(passed=True, tolerance_max_abs=tol.max_abs or 0.0, tolerance_min_cos=tol.min_cos,
-                  tolerance_batch_min_cos=tol.min_batch_cos)
-    log.info("validation passed: max_abs %.2e, min cos %.7f, batch min cos %.7f over %d sequences",
-             metrics["max_abs"], metrics["min_cos"], metrics["batch_min_cos"], metrics["sequences"])
+    result.update(
+        passed=True,
+        tolerance_max_abs=tol.max_abs or 0.0,
+        tolerance_min_cos=tol.min_cos,
+        tolerance_batch_min_cos=tol.min_batch_cos,
+    )
+    log.info(
+        "validation passed: max_abs %.2e, min cos %.7f, batch min cos %.7f over %d sequences",
+        metrics["max_abs"],
+        metrics["min_cos"],
+        metrics["batch_min_cos"],
+        metrics["sequences"],
+    )
     return result

@@ -192,6 +192,7 @@ def values_schema() -> dict[str, Any]:
                             "mode": {"type": "string", "enum": ["initContainer", "job"]},
                             "source": {"type": "string", "minLength": 1},
                             "precision": {"type": "string", "enum": ["fp32", "fp16", "int8"]},
+                            "revision": STR,
                             "extraArgs": {"type": "array", "items": STR},
                             "image": _obj(
                                 {

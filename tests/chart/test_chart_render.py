@@ -457,6 +457,17 @@ def test_export_job_fills_the_pvc_and_pods_wait(helm: Helm, renders: dict[str, R
     other = helm.template(ci, sets=("model.export.precision=int8",)).one("Job")
     assert other["metadata"]["name"] != job["metadata"]["name"]
     assert helm.template(ci).one("Job")["metadata"]["name"] == job["metadata"]["name"]
+    # A pinned revision is passed to embed-export and gets its own bundle directory.
+    pinned = helm.template(ci, sets=("model.export.revision=0123456789abcdef0123",))
+    assert pinned.one("Job")["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "--revision",
+        "0123456789abcdef0123",
+    ]
+    assert (
+        pinned.server_env()["EMBED_MODEL_DIR"]
+        == "/models/Alibaba-NLP--gte-Qwen2-7B-instruct-0123456789ab-fp16"
+    )
+    assert pinned.one("Job")["metadata"]["name"] != job["metadata"]["name"]
 
 
 def test_export_script_in_configmap_is_the_chart_file(renders: dict[str, Render]) -> None:

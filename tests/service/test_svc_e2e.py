@@ -113,8 +113,8 @@ def test_documented_grpcurl_commands(server: tuple[int, subprocess.Popen[str]]) 
     assert len(answers) == 2
     for answer in answers:
         (embedding,) = answer["embeddings"]
-        assert len(embedding["values"]) == 384 and embedding["tokenCount"] > 2
-        assert answer["model"] == "all-MiniLM-L6-v2" or answer["model"]
+        assert len(embedding["values"]) == 384 and embedding["token_count"] > 2
+        assert answer["model"] == "all-MiniLM-L6-v2" and answer["last"] is True
     health = next(v for k, v in outputs.items() if k.endswith("Health/Check"))
     assert json.loads(health)["status"] == "SERVING"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -159,14 +160,14 @@ async def test_stream_in_order_and_split(toy_bundle: Path, toy_table: np.ndarray
     ]
     async with serving(toy_bundle, max_message_bytes=64 * 1024, max_inputs_per_request=1000) as h:
         responses = [r async for r in h.stub.EmbedStream(iter(requests))]
-    assert [r.request_id for r in responses][0] == "a" and responses[-1].request_id == "c"
+    assert next(r.request_id for r in responses) == "a" and responses[-1].request_id == "c"
     big = [r for r in responses if r.request_id == "big"]
     assert len(big) >= 2
     assert [r.part for r in big] == list(range(len(big)))
     assert [r.last for r in big] == [False] * (len(big) - 1) + [True]
     assert all(r.request_index == 1 and r.ByteSize() <= 64 * 1024 for r in big)
     offsets = [r.offset for r in big]
-    assert offsets[0] == 0 and all(b.offset == a.offset + a.count for a, b in zip(big, big[1:], strict=False))
+    assert offsets[0] == 0 and all(b.offset == a.offset + a.count for a, b in itertools.pairwise(big))
     assert sum(r.count for r in big) == 1000
     indices = [e.index for r in big for e in r.embeddings]
     assert indices == list(range(1000))

@@ -105,6 +105,9 @@ Bundle directory name inside the model volume: explicit, or derived from source 
 {{- include "embedding-service.pathKey" .Values.model.bundleName }}
 {{- else }}
 {{- $src := .Values.model.export.source | replace "builtin:" "" | replace "/" "--" }}
+{{- with .Values.model.export.revision }}
+{{- $src = printf "%s-%s" $src (. | trunc 12) }}
+{{- end }}
 {{- include "embedding-service.pathKey" (printf "%s-%s" $src .Values.model.export.precision) }}
 {{- end }}
 {{- end }}
@@ -291,7 +294,12 @@ scripts ConfigMap with the model volume writable and scratch space for downloads
 image: {{ include "embedding-service.exportImage" . }}
 imagePullPolicy: {{ $export.image.pullPolicy }}
 command: [sh, /etc/embed/scripts/export-bundle.sh]
-{{- with $export.extraArgs }}
+{{- $args := list }}
+{{- with $export.revision }}
+{{- $args = concat $args (list "--revision" .) }}
+{{- end }}
+{{- $args = concat $args ($export.extraArgs | default list) }}
+{{- with $args }}
 args:
   {{- toYaml . | nindent 2 }}
 {{- end }}
