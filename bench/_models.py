@@ -68,7 +68,8 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
 
 def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
     """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, fp16, int8_dynamic,
-    int8_qdq. int8 graphs are quantised from the fused graph with query-chunked attention."""
+    int8_qdq, int8_pertoken. int8 graphs are quantised from the fused graph with query-chunked attention
+    (MLP unchunked: the quantisers do not rewrite MatMuls inside Loop bodies)."""
     out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
     if out.exists():
         return out
@@ -92,13 +93,21 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
         )
-    elif variant in ("int8_dynamic", "int8_qdq"):
+    elif variant in ("int8_dynamic", "int8_qdq", "int8_pertoken"):
         base = out.parent / "base.onnx"
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
         )
         if variant == "int8_dynamic":
             quantize_dynamic_int8(base, out)
+        elif variant == "int8_pertoken":
+            import onnx
+
+            from export.passes.int8_per_token import quantize_per_token
+
+            model = onnx.load(str(base))
+            quantize_per_token(model)
+            onnx.save(model, str(out))
         else:
             quantize_static_qdq(base, out, calibration_batches(ckpt.vocab_size))
         base.unlink()

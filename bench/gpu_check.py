@@ -20,7 +20,6 @@ Sections:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -157,7 +156,7 @@ def agreement(reference: Any, other: Any) -> dict[str, float]:
 def format_table(rows: Sequence[tuple[str, str, str]]) -> str:
     """The closing table: section, result, status."""
     widths = [max(len(r[i]) for r in [("section", "result", "status"), *rows]) for i in range(3)]
-    line = "  ".join("{:<%d}" % w for w in widths)
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [line.format("section", "result", "status"), line.format(*("-" * w for w in widths))]
     out += [line.format(*r) for r in rows]
     return "\n".join(out)
@@ -293,7 +292,8 @@ def section_ort(shape: QwenShape, seq: int, layers: int) -> str:
             cos = agreement(ref, torch.from_numpy(out))["min_cos"]
             results.append(
                 f"{provider.replace('ExecutionProvider', '')}: {layers}-layer fp16 b={batch} s={seq} "
-                f"{batch * seq / seconds:,.0f} tok/s, cos vs torch {cos:.5f}, in use {sess.get_providers()[0]}"
+                f"{batch * seq / seconds:,.0f} tok/s, cos vs torch {cos:.5f}, "
+                f"in use {sess.get_providers()[0]}"
             )
     return "; ".join(results)
 

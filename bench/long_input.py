@@ -70,7 +70,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
     del rounds  # one cold run per cell: the quantity is the peak, not a median
     section = Section("long", "Long inputs: peak RSS and latency of one input (issue 8)")
     section.add(
-        f"One input of S tokens, batch 1, fresh process per cell, `RLIMIT_AS` = {ADDRESS_LIMIT / 1024**3:.0f} GiB, "
+        "One input of S tokens, batch 1, fresh process per cell, "
+        f"`RLIMIT_AS` = {ADDRESS_LIMIT / 1024**3:.0f} GiB, "
         "ORT CPU, 2 threads. Peak = `ru_maxrss` (includes the loaded session, column *loaded*). "
         "`fused` = opset-23 Attention in one piece (S² scores); `chunked` = key-padding mask + query blocks "
         "of 1024 + MLP blocks of 2048 (the shipped qwen2 graph). Unchunked graphs are not run past 16k.\n"

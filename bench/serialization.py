@@ -1,4 +1,4 @@
-"""Scenario ``serialize``: building + serialising an EmbedResponse, repeated float vs packed bytes (issue 6 §5).
+"""Scenario ``serialize``: EmbedResponse build + serialise, repeated float vs packed bytes (issue 6 §5).
 
 Why it matters: for 3584-dim vectors a response of 256 vectors is 917k floats; protobuf's
 repeated-float path converts every Python float, while ``packed`` is one ``tobytes()`` per
@@ -69,7 +69,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
         )
     section.add(
         f"Message build + `SerializeToString()` of `EmbedResponse` (generated code, upb backend), "
-        f"{max(rounds, 5)} rounds round-robin. Target: packed ≥ 5× faster at 256 vectors.\n"
+        f"{max(rounds, 5)} rounds round-robin (1- and 32-vector calls timed in groups of 256/n). "
+        "Target: packed ≥ 5× faster at 256 vectors.\n"
     )
     section.add(
         table(

@@ -13,10 +13,11 @@ from pathlib import Path
 from bench._common import Section, fmt_ms, ratio, round_robin, stats, table
 from bench._models import CACHE
 
-_WORDS = (
+_VOCAB_TEXT = (
     "the of and to in is was for on that with as by at from his an were are which this be "
     "embedding vector search retrieval transformer attention model query document passage"
-).split()
+)
+_WORDS = _VOCAB_TEXT.split()
 
 
 def texts(n: int, words: int, seed: int = 0) -> list[str]:
@@ -47,8 +48,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
             batch = texts(n, words)
             samples = round_robin(
                 {
-                    "per-text": lambda b=batch: [tok.encode(t, add_special_tokens=False) for t in b],
-                    "batch": lambda b=batch: tok.encode_batch(b, add_special_tokens=False),
+                    "per-text": lambda b=batch, k=tok: [k.encode(t, add_special_tokens=False) for t in b],
+                    "batch": lambda b=batch, k=tok: k.encode_batch(b, add_special_tokens=False),
                 },
                 max(rounds, 5),
             )

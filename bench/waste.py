@@ -1,4 +1,4 @@
-"""Scenario ``waste``: padded-token waste on a mixed workload, FIFO vs the service's length grouping (issue 6 §4).
+"""Scenario ``waste``: padded-token waste of a mixed workload, FIFO vs length grouping (issue 6 §4).
 
 Why: a batch costs ``batch × longest``; one 500-token document among 10-token queries makes
 every query pay 500. The "with grouping" figure drives the service's real ``Batcher`` (fake

@@ -128,18 +128,26 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def _add_massive_activation(model: Any, per_layer: float, bias: float = 100.0) -> None:
-    """Make every layer add ``per_layer`` to residual channel 0 (see ``build_tiny_qwen2``)."""
-    # Token content must still dominate what the norms let through, so raise the ordinary
-    # activations (embedding) and shrink channel 0's gains, as trained LLMs do.
-    model.embed_tokens.weight.mul_(50.0)
+    """Make every layer add ``per_layer`` to residual channel 0 (see ``build_tiny_qwen2``).
+
+    Channel 0's norm gains are zero, as trained LLMs suppress their massive channels, so the
+    huge value only enters the RMS denominators. Token content must then be large too (or the
+    norms would squash it below fp16's resolution): embeddings get std ≈ 2000 and the attention
+    and MLP output projections are scaled so each block adds content of that size (per-block
+    maxima stay ≈ 13k, inside fp16). Scales were tuned on the hidden-64 shape.
+    """
+    model.embed_tokens.weight.mul_(1e5)
     for layer in model.layers:
         attn = layer.self_attn
         attn.v_proj.bias.fill_(bias)
-        width = attn.o_proj.weight.shape[1]
-        attn.o_proj.weight[0, :] = per_layer / (bias * width)
-        layer.input_layernorm.weight[0] = 1e-3
-        layer.post_attention_layernorm.weight[0] = 1e-3
-    model.norm.weight[0] = 1e-3
+        # Zero-mean rows ignore the constant bias, so it reaches channel 0 only.
+        attn.o_proj.weight.sub_(attn.o_proj.weight.mean(dim=1, keepdim=True))
+        attn.o_proj.weight.mul_(3e5)
+        attn.o_proj.weight[0, :] = per_layer / (bias * attn.o_proj.weight.shape[1])
+        layer.mlp.down_proj.weight.mul_(3e5)
+        layer.input_layernorm.weight[0] = 0.0
+        layer.post_attention_layernorm.weight[0] = 0.0
+    model.norm.weight[0] = 0.0
 
 
 def build_tiny_qwen2(

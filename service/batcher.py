@@ -3,7 +3,8 @@
 Why this shape (and not TEI's FIFO): a batch costs ``batch × longest`` padded tokens, so one
 long text in a batch of short ones makes them all pay for it. The scheduler takes the *oldest*
 queued input (so nothing starves) and fills the batch with the inputs nearest to it in length,
-within ``max_batch_tokens`` and ``max_batch_size``. :func:`batch_cost` is the single cost model.
+within ``max_batch_tokens`` and ``max_batch_size``, never mixing lengths far apart
+(:func:`may_share_batch`). :func:`batch_cost` is the single cost model.
 
 * Admission is bounded by queued tokens; past ``max_queue_tokens`` a request is refused at once
   with :class:`Overloaded` (RESOURCE_EXHAUSTED) instead of growing latency without bound. A request
@@ -49,6 +50,15 @@ def batch_cost(batch_size: int, longest: int) -> int:
     return batch_size * longest
 
 
+def may_share_batch(shortest: int, longest: int) -> bool:
+    """Whether inputs of these lengths may share a batch: the short ones would pay for padding.
+
+    Within 2× of each other (or 16 tokens apart, where the difference is noise) they may; beyond
+    that a separate runtime call is cheaper than padding, especially with quadratic attention.
+    """
+    return longest <= 2 * shortest or longest - shortest <= 16
+
+
 @dataclass(frozen=True)
 class BatchOutput:
     """A request's vectors in input order, plus where its time went."""
@@ -66,6 +76,7 @@ class _Request:
     deadline: float | None
     admitted: float
     remaining: int
+    request_id: str = ""
     vectors: FloatArray | None = None
     norms: FloatArray | None = None
     first_start: float | None = None
@@ -149,7 +160,9 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
 
-    async def submit(self, ids: Sequence[Sequence[int]], deadline: float | None = None) -> BatchOutput:
+    async def submit(
+        self, ids: Sequence[Sequence[int]], deadline: float | None = None, *, request_id: str = ""
+    ) -> BatchOutput:
         """Queue one request's inputs (model input ids); resolves when all are computed."""
         if self._closing:
             raise Draining("the server is shutting down; retry on another replica")
@@ -163,7 +176,9 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
-        request = _Request(ids, loop.create_future(), deadline, now, remaining=len(ids))
+        request = _Request(
+            ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id
+        )
         request.future.add_done_callback(_mark_dropped_if_cancelled(request))
         for index, seq_ids in enumerate(ids):
             seq = next(self._seq)
@@ -238,7 +253,7 @@ class Batcher:
         if not self._pending:
             return []
         oldest = next(iter(self._pending.values()))
-        batch, longest = [oldest], oldest.length
+        batch, shortest, longest = [oldest], oldest.length, oldest.length
         if self._batch_invariant:
             rest = sorted(
                 (it for it in self._pending.values() if it is not oldest),
@@ -247,10 +262,10 @@ class Batcher:
             for item in rest:
                 if len(batch) >= self.max_batch_size:
                     break
-                grown = max(longest, item.length)
-                if batch_cost(len(batch) + 1, grown) <= self.max_batch_tokens:
+                low, high = min(shortest, item.length), max(longest, item.length)
+                if batch_cost(len(batch) + 1, high) <= self.max_batch_tokens and may_share_batch(low, high):
                     batch.append(item)
-                    longest = grown
+                    shortest, longest = low, high
         for item in batch:
             del self._pending[item.seq]
             self._queued_tokens -= item.length
@@ -264,7 +279,13 @@ class Batcher:
             if not item.request.future.done():
                 self._fail(item.request, DeadlineExceeded("deadline passed while queued; not computed"))
         if done.error is not None:
-            log.error("runtime failed on a batch of %d inputs", len(done.computed), exc_info=done.error)
+            ids = sorted({item.request.request_id for item in done.computed})
+            log.error(
+                "runtime failed on a batch of %d inputs (request_ids=%s)",
+                len(done.computed),
+                ",".join(ids),
+                exc_info=done.error,
+            )
             for item in done.computed:
                 self._fail(item.request, RuntimeFailure(f"runtime failure: {done.error!r}"))
         elif done.vectors is not None and done.norms is not None:

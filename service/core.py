@@ -37,7 +37,16 @@ from service.domain import (
     Usage,
 )
 from service.encoding import check_dimensions, postprocess
-from service.errors import DeadlineExceeded, Draining, InvalidInput, NotReady, TooManyInputs
+from service.errors import (
+    DeadlineExceeded,
+    Draining,
+    EmbeddingError,
+    InvalidInput,
+    NotReady,
+    RuntimeFailure,
+    TooManyInputs,
+)
+from service.logs import new_request_id
 from service.runtime import OrtRuntime, Runtime, StartupError
 from service.selftest import cosine_threshold, self_test, warm_up
 from service.settings import Settings
@@ -238,7 +247,22 @@ class EmbeddingCore:
         return await loop.run_in_executor(self._tok_pool, call)
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
-        """Validate, tokenise (thread), batch, run (worker thread), post-process."""
+        """Validate, tokenise (thread), batch, run (worker thread), post-process.
+
+        Raises :mod:`service.errors` classes only, each carrying the request id; anything else
+        is logged with its traceback and becomes a :class:`RuntimeFailure`.
+        """
+        request_id = job.request_id or new_request_id()
+        try:
+            return await self._embed(job, request_id)
+        except EmbeddingError as exc:
+            exc.request_id = exc.request_id or request_id
+            raise
+        except Exception as exc:
+            log.error("embed failed (request_id=%s)", request_id, exc_info=exc)
+            raise RuntimeFailure(f"unexpected error: {exc!r}", request_id=request_id) from exc
+
+    async def _embed(self, job: EmbedJob, request_id: str) -> EmbedResult:
         started = time.perf_counter()
         manifest, tokenizer, batcher = self._admit()
         self._check_count(job.count, job.texts, job.token_ids)
@@ -249,7 +273,7 @@ class EmbeddingCore:
         try:
             tokenized = await self._tokenize(job, tokenizer)
             tokenize_ms = (time.perf_counter() - started) * 1000.0
-            out = await batcher.submit([t.ids for t in tokenized], job.deadline)
+            out = await batcher.submit([t.ids for t in tokenized], job.deadline, request_id=request_id)
         finally:
             self._end()
         vectors = postprocess(out.vectors, out.norms, normalize=job.normalize, dimensions=job.dimensions)
@@ -263,7 +287,7 @@ class EmbeddingCore:
             inference_ms=out.inference_ms,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, job.request_id)
+        return EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
 
     async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
         """Exactly the ids ``embed`` would send to the model for the same texts and options."""
@@ -271,9 +295,16 @@ class EmbeddingCore:
         self._check_count(len(job.texts), job.texts, ())
         tokenized = await self._tokenize(job, tokenizer)
         tokens = tuple(tokenizer.tokens(t.ids) for t in tokenized) if job.return_tokens else ()
-        return TokenizeResult(tuple(tokenized), tokens, self.model_name, job.request_id)
+        return TokenizeResult(tuple(tokenized), tokens, self.model_name, job.request_id or new_request_id())
 
     # --- information -----------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> int:
+        """The model's native vector size (cheap; for per-request checks)."""
+        if self._manifest is None:
+            raise NotReady("the model is warming up; retry shortly")
+        return self._manifest.dim
+
     @property
     def model_name(self) -> str:
         if self.settings.model_name:

@@ -24,10 +24,12 @@ log = logging.getLogger("service.errors")
 class EmbeddingError(Exception):
     """Base class. ``message`` is safe to show to clients; ``field`` names the bad request field."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, request_id: str = "") -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        # Filled in by the core, so a front end that lost track of the request (a stream) can say it.
+        self.request_id = request_id
 
 
 class InvalidInput(EmbeddingError):
@@ -128,6 +130,7 @@ def info_for(error_type: type[EmbeddingError]) -> ErrorInfo:
 
 def describe(exc: BaseException, request_id: str = "") -> PublicError:
     """Map any exception to what the client sees; log unexpected ones with their traceback."""
+    request_id = request_id or getattr(exc, "request_id", "")
     if not isinstance(exc, EmbeddingError):
         log.error("unexpected error (request_id=%s)", request_id, exc_info=exc)
         exc = RuntimeFailure("internal error")

@@ -118,16 +118,11 @@ def _from_exception(exc: BaseException, request_id: str) -> web.Response:
     )
 
 
-def _from_http_exception(exc: web.HTTPException) -> web.Response:
+def _from_http_exception(exc: web.HTTPException, body_limit: int) -> web.Response:
+    """aiohttp's own refusals (body too large, unknown route, wrong method) in OpenAI's shape."""
     if exc.status == 413:
-        message = "request body is too large"
-        return _error(
-            413,
-            f"{message} (limit {exc.text or 'exceeded'})",
-            "invalid_request_error",
-            None,
-            "request_too_large",
-        )
+        message = f"request body is too large (the limit is {body_limit} bytes)"
+        return _error(413, message, "invalid_request_error", None, "request_too_large")
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     return _error(exc.status, exc.reason, kind, None, _snake(exc.reason.replace(" ", "")))
 
@@ -156,7 +151,7 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
         try:
             response = await handler(request)
         except web.HTTPException as exc:
-            response = _from_http_exception(exc)
+            response = _from_http_exception(exc, request.app[CONFIG_KEY].max_body_bytes)
         except asyncio.CancelledError:
             # The client went away (handler_cancellation): nothing to send, but count it.
             _finish(request, route, 499, started)

@@ -11,6 +11,7 @@ fail start-up (or warn, per ``provider_fallback``), so a GPU deployment never qu
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -156,12 +157,15 @@ class OrtRuntime:
             settings.trt_cache_dir.mkdir(parents=True, exist_ok=True)
         chain = provider_chain(settings, self._inputs, max_input_tokens)
         try:
-            self._session = ort.InferenceSession(
-                str(directory / manifest.graph.file),
-                sess_options=options,
-                providers=[name for name, _ in chain],
-                provider_options=[opts for _, opts in chain],
-            )
+            with warnings.catch_warnings():
+                # ORT warns (and falls back) when a provider is not in this build; checked below.
+                warnings.simplefilter("ignore", UserWarning)
+                self._session = ort.InferenceSession(
+                    str(directory / manifest.graph.file),
+                    sess_options=options,
+                    providers=[name for name, _ in chain],
+                    provider_options=[opts for _, opts in chain],
+                )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/RuntimeException types
             raise StartupError(
                 f"could not create the ONNX Runtime session for {manifest.graph.file}: {exc}"

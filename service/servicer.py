@@ -222,7 +222,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     def _check_unary_size(self, job: EmbedJob, encoding: Encoding) -> None:
         """Refuse before computing a unary answer that could not be sent (streams split instead)."""
-        dims = job.dimensions or self._core.model_info().dimensions
+        dims = job.dimensions or self._core.dimensions
         per_input = packed_size(encoding, dims) + _PER_EMBEDDING_BYTES
         fits = max(1, (self._max_bytes - _ENVELOPE_BYTES) // per_input)
         if job.count > fits:

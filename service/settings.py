@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     )
     allow_dimensions: bool = Field(
         default=False,
-        description="Allow `dimensions` (truncate then renormalise). Off: gte-Qwen2 is not Matryoshka-trained.",
+        description="Allow `dimensions` (truncate, renormalise); off as gte-Qwen2 is not Matryoshka-trained.",
     )
 
     # --- network -----------------------------------------------------------------------------
@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
     http_host: str = Field(default="127.0.0.1", description="HTTP (OpenAI-compatible) bind address.")
     http_port: int | None = Field(
-        default=None, ge=0, le=65535, description="HTTP port for /v1/embeddings, /health, /metrics; unset disables."
+        default=None,
+        ge=0,
+        le=65535,
+        description="HTTP port for /v1/embeddings, /health, /metrics; unset disables.",
     )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Optional separate Prometheus port (also served on HTTP)."
@@ -64,7 +67,9 @@ class Settings(BaseSettings):
     # --- limits and batching -----------------------------------------------------------------
     max_inputs_per_request: int = Field(default=256, ge=1, description="Max texts in one request.")
     max_input_tokens: int | None = Field(
-        default=None, ge=1, description="Cap on tokens per input; defaults to the manifest's max_input_tokens."
+        default=None,
+        ge=1,
+        description="Cap on tokens per input; defaults to the manifest's max_input_tokens.",
     )
     default_truncation: Truncation = Field(
         default="none",
@@ -82,7 +87,9 @@ class Settings(BaseSettings):
     )
 
     # --- runtime -----------------------------------------------------------------------------
-    provider: Provider = Field(default="cpu", description="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+    provider: Provider = Field(
+        default="cpu", description="ONNX Runtime execution provider: cpu, cuda, tensorrt."
+    )
     provider_fallback: Literal["fail", "warn"] = Field(
         default="fail", description="When ORT silently falls back from the wanted provider: fail or warn."
     )
@@ -97,7 +104,9 @@ class Settings(BaseSettings):
         default=Path("/tmp/embed-trt-cache"), description="TensorRT engine + timing cache directory."
     )
     trt_fp16: bool = Field(default=False, description="TensorRT: allow fp16 kernels.")
-    trt_bf16: bool = Field(default=False, description="TensorRT: allow bf16 kernels (preferred for gte-Qwen2).")
+    trt_bf16: bool = Field(
+        default=False, description="TensorRT: allow bf16 kernels (preferred for gte-Qwen2)."
+    )
     trt_int8: bool = Field(default=False, description="TensorRT: allow int8 kernels (QDQ graphs).")
     trt_layer_norm_fp32_fallback: bool = Field(
         default=True, description="TensorRT: keep normalisation layers in fp32 (fp16 overflow guard)."
@@ -109,7 +118,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         default=None, description="File with one API key per line; unset: no authentication (warned)."
     )
-    tls_cert_file: Path | None = Field(default=None, description="Server certificate (PEM) for gRPC and HTTP.")
+    tls_cert_file: Path | None = Field(
+        default=None, description="Server certificate (PEM) for gRPC and HTTP."
+    )
     tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
     tls_client_ca_file: Path | None = Field(
         default=None, description="CA bundle for client certificates: enables mTLS (client cert required)."
@@ -117,7 +128,9 @@ class Settings(BaseSettings):
 
     # --- logging -----------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
-    log_format: Literal["json", "text"] = Field(default="json", description="Structured JSON or plain text logs.")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="Structured JSON or plain text logs."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -156,7 +169,9 @@ def build_parser(prog: str = "embed-serve") -> argparse.ArgumentParser:
         help_text = f"{info.description} [env {env_name(name)}]"
         base = _base_type(info.annotation)
         if _is_bool(base):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
         choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
         parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
@@ -168,7 +183,11 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     env = dict(os.environ if environ is None else environ)
-    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in Settings.model_fields)
+    unknown = sorted(
+        k
+        for k in env
+        if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX) :].lower() not in Settings.model_fields
+    )
     if unknown:
         raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
     from_env = {k[len(ENV_PREFIX) :].lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}

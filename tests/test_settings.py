@@ -38,7 +38,9 @@ def test_unknown_environment_setting_is_refused() -> None:
         (["--trt-fp16", "--trt-bf16"], "trt_fp16 and trt_bf16"),
     ],
 )
-def test_bad_values_are_refused_with_a_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_values_are_refused_with_a_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises((ValidationError, SystemExit, ValueError)) as info:
         load_settings(argv, {})
     text = str(info.value) + capsys.readouterr().err
@@ -53,4 +55,6 @@ def test_every_setting_has_a_description_and_env_name() -> None:
 
 def test_readme_table_matches_the_settings_object() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "README settings table is stale: run `python -m service.settings --markdown`"
+    assert markdown_table() in readme, (
+        "README settings table is stale: run `python -m service.settings --markdown`"
+    )

@@ -13,8 +13,11 @@ from export.passes.pipeline import (
     GRAPH_VARIANTS,
     GraphReport,
     GraphVariant,
+    apply_for_export,
     apply_graph_variant,
+    export_opset,
     required_opset,
+    resolve_variant,
 )
 
 __all__ = [
@@ -23,11 +26,14 @@ __all__ = [
     "GraphReport",
     "GraphVariant",
     "PassError",
+    "apply_for_export",
     "apply_graph_variant",
     "chunk_attention",
     "chunk_mlp",
     "default_query_chunk",
     "drop_repeat_kv",
+    "export_opset",
     "op_counts",
     "required_opset",
+    "resolve_variant",
 ]

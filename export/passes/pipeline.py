@@ -24,7 +24,7 @@ import onnx
 from onnx import external_data_helper
 
 from export.passes._graph import PassError, op_counts, opset_version
-from export.passes.chunk_attention import chunk_attention
+from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
 
@@ -110,8 +110,11 @@ def apply_graph_variant(
         chunk_attention(model, chunk=query_chunk)
         chunk = query_chunk
         if mlp_chunk is not None:
-            chunk_mlp(model, chunk=mlp_chunk)
-            mlp = mlp_chunk
+            try:
+                chunk_mlp(model, chunk=mlp_chunk)
+                mlp = mlp_chunk
+            except PassError:  # e.g. an fp16 graph whose MLP the matcher does not recognise
+                mlp = None
     _save(model, path, target)
     onnx.checker.check_model(str(target))  # by path: resolves external data, allows > 2 GiB
     return GraphReport(
@@ -121,3 +124,41 @@ def apply_graph_variant(
         gqa_attention_nodes=gqa,
         ops=dict(op_counts(model)),
     )
+
+
+def resolve_variant(family: str, requested: GraphVariant | None) -> GraphVariant:
+    """The export default: ``chunked`` for qwen2 (bounded memory at any length, parity-gated like
+    every graph), ``plain`` for BERT (its 512-token inputs need no chunking, and opset 23 adds no
+    native op that matches BERT's post-norm layers)."""
+    if requested is not None:
+        return requested
+    return "chunked" if family == "qwen2" else "plain"
+
+
+def export_opset(variant: GraphVariant, family_opset: int, requested: int | None = None) -> int:
+    """Opset to export with: the family's for ``plain``, 23 for the fused variants."""
+    needed = required_opset(variant)
+    if requested is not None and needed is not None and requested != needed:
+        raise PassError(f"graph {variant!r} needs opset {needed}; --opset {requested} was given")
+    return requested or needed or family_opset
+
+
+def apply_for_export(
+    path: Path,
+    variant: GraphVariant,
+    config: dict[str, object],
+    *,
+    max_input_tokens: int,
+    query_chunk: int | None = None,
+    quantize_next: bool = False,
+) -> GraphReport:
+    """What the exporter calls right after saving a graph.
+
+    ``query_chunk`` defaults to :func:`default_query_chunk` for the model's heads and input limit.
+    ``quantize_next`` keeps the MLP unchunked (the int8 quantisers skip MatMuls inside Loops).
+    """
+    if variant == "plain":
+        return GraphReport(variant="plain")
+    heads = int(str(config.get("num_attention_heads", 1)))
+    chunk = query_chunk or default_query_chunk(heads, max_input_tokens)
+    return apply_graph_variant(path, variant, query_chunk=chunk, mlp_chunk=None if quantize_next else 2048)

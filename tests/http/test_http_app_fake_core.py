@@ -194,3 +194,14 @@ async def test_keys_health_and_metrics(srv: Running, caplog: pytest.LogCaptureFi
     assert KEY not in text and KEY not in caplog.text
     access = [r for r in caplog.records if r.name == "service.access"]
     assert {r.status for r in access} >= {"401", "200"}  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_unknown_route_and_method_in_openai_shape(srv: Running) -> None:
+    async with srv.session.get(f"{srv.url}/v1/nothing", headers=AUTH) as resp:
+        assert (resp.status, (await resp.json())["error"]["code"]) == (404, "not_found")
+    async with srv.session.get(f"{srv.url}/v1/embeddings", headers=AUTH) as resp:
+        assert (resp.status, (await resp.json())["error"]["code"]) == (405, "method_not_allowed")
+    status, body, _ = await _post(srv, {"input": "x" * 5000})
+    assert status == 413
+    assert body["error"]["message"] == "request body is too large (the limit is 4096 bytes)"

@@ -12,14 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx2
 import openai
 import pytest
-from conftest import KEY
+from http_stack import KEY
 
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -112,7 +112,8 @@ def test_serve_wires_http_keys_metrics_and_logs(tiny_qwen2_bundle: Path, keys_fi
         assert [d.embedding for d in got.data] == [
             pytest.approx(list(e.values), abs=0) for e in reply.embeddings
         ]
-        metrics = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
         assert 'embed_requests_total{api="http",code="200",method="embeddings"} 1.0' in metrics
         assert 'embed_requests_total{api="grpc",code="OK",method="Embed"} 1.0' in metrics
         assert "embed_self_test_status 1.0" in metrics

@@ -19,9 +19,9 @@ import numpy as np
 import openai
 import pytest
 import pytest_asyncio
-from conftest import KEY, OLD_KEY, Stack, stack_settings, start_stack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from http_stack import KEY, OLD_KEY, Stack, stack_settings, start_stack
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.pb.embedding.v1 import embedding_pb2 as pb

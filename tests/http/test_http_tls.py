@@ -15,9 +15,9 @@ import grpc
 import openai
 import pytest
 import pytest_asyncio
-from conftest import KEY, Stack, stack_settings, start_stack
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from http_pki import Pair, Pki
+from http_stack import KEY, Stack, stack_settings, start_stack
 
 from service.pb.embedding.v1 import embedding_pb2 as pb
 

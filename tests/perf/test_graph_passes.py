@@ -42,9 +42,13 @@ def _run(path: Path, ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
 
 
 def test_fused_graph_uses_native_ops_and_no_repeat_kv(fused: Path) -> None:
-    counts = op_counts(onnx.load(str(fused), load_external_data=False))
+    model = onnx.load(str(fused), load_external_data=False)
+    counts = op_counts(model)
     assert counts["Attention"] == 2 and counts["RotaryEmbedding"] == 4 and counts["RMSNormalization"] == 5
-    assert counts["Expand"] == 0  # the GQA repeat_kv copies are gone
+    made_by = {out: node.op_type for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Attention":  # K from RoPE, V from the head transpose: no repeat_kv copy
+            assert (made_by[node.input[1]], made_by[node.input[2]]) == ("RotaryEmbedding", "Transpose")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -52,3 +52,19 @@ def test_static_qdq_is_invariant_inside_a_padded_batch(base: Path, tmp_path: Pat
     batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
     assert (batched * alone).sum(-1).min() >= 0.999
     assert (batched * _vectors(base, ids, mask)).sum(-1).min() >= 0.98
+
+
+def test_per_token_int8_is_exactly_invariant_inside_a_padded_batch(base: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from export.passes.int8_per_token import quantize_per_token
+
+    model = onnx.load(str(base))
+    assert quantize_per_token(model) == 14  # 2 layers × (q, k, v, o, gate, up, down)
+    q = tmp_path / "pertoken.onnx"
+    onnx.save(model, str(q))
+    for side in ("left", "right"):
+        ids, mask = padded_batch([12, 60, 33, 7], side, seed=6)
+        batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
+        assert np.abs(batched - alone).max() <= 1e-6
+        assert (batched * _vectors(base, ids, mask)).sum(-1).min() >= 0.999

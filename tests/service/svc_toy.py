@@ -168,6 +168,7 @@ class FakeRuntime:
         self.fail = fail
         self.calls: list[tuple[int, int]] = []  # (batch, padded length) per call
         self.rows_seen: list[list[int]] = []
+        self.lengths: list[list[int]] = []  # real lengths of the rows of each call
         self.gate: threading.Event | None = None  # when set, run() waits for it
         self.started = threading.Event()
 
@@ -182,8 +183,12 @@ class FakeRuntime:
             self.gate.wait(10)
         if self.delay_s:
             time.sleep(self.delay_s)
-        seqs = [list(row[mask.astype(bool)]) for row, mask in zip(input_ids, attention_mask, strict=True)]
+        seqs = [
+            [int(i) for i in row[mask.astype(bool)]]
+            for row, mask in zip(input_ids, attention_mask, strict=True)
+        ]
         self.rows_seen.extend(seqs)
+        self.lengths.append([len(s) for s in seqs])
         if self.fail is not None and self.fail(input_ids):
             raise RuntimeError("fake runtime exploded (secret detail)")
         vectors, norms = reference(self.table, seqs)

@@ -1,0 +1,153 @@
+"""The batcher with fake runtimes: budget, grouping, admission, deadlines, cancellation, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from svc_toy import FakeRuntime, reference
+
+from service import errors
+from service.batcher import Batcher, batch_cost
+
+pytestmark = pytest.mark.asyncio
+
+
+def make(runtime: FakeRuntime, **overrides: float) -> Batcher:
+    options = {
+        "max_batch_tokens": 64,
+        "max_batch_size": 8,
+        "max_batch_wait_ms": 5.0,
+        "max_queue_tokens": 10_000,
+        "pad_id": 0,
+    }
+    options.update(overrides)
+    batcher = Batcher(runtime, **options)  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+def seqs(length: int, count: int, first: int = 5) -> list[list[int]]:
+    return [[first + (i + j) % 50 for j in range(length)] for i in range(count)]
+
+
+async def wait_until(predicate: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
+async def test_results_in_order_and_budget_respected(fake_runtime: FakeRuntime) -> None:
+    batcher = make(fake_runtime)
+    requests = [seqs(n, 5, first=n) for n in (3, 17, 9, 30, 1, 12)]
+    outs = await asyncio.gather(*(batcher.submit(r) for r in requests))
+    for request, out in zip(requests, outs, strict=True):
+        want, norms = reference(fake_runtime.table, request)
+        np.testing.assert_allclose(out.vectors, want, atol=1e-6)
+        np.testing.assert_allclose(out.norms, norms, rtol=1e-6)
+    for batch, padded in fake_runtime.calls:
+        assert batch <= 8 and (batch == 1 or batch_cost(batch, padded) <= 64)
+    assert sum(len(x) for x in fake_runtime.lengths) == 30
+    await batcher.close()
+
+
+async def test_short_inputs_do_not_pay_for_long_ones(fake_runtime: FakeRuntime) -> None:
+    batcher = make(fake_runtime, max_batch_tokens=256, max_batch_size=16, max_batch_wait_ms=20)
+    mixed: list[Sequence[int]] = []
+    for i in range(8):  # interleaved arrival: short, long, short, long…
+        mixed += [seqs(2, 1, first=i)[0], seqs(28, 1, first=i)[0]]
+    await batcher.submit(mixed)
+    for lengths in fake_runtime.lengths:
+        assert max(lengths) - min(lengths) <= 1, f"mixed lengths in one batch: {lengths}"
+    await batcher.close()
+
+
+async def test_overload_refuses_instead_of_queueing(fake_runtime: FakeRuntime) -> None:
+    fake_runtime.gate = threading.Event()
+    batcher = make(fake_runtime, max_queue_tokens=40, max_batch_wait_ms=0)
+    running = asyncio.ensure_future(batcher.submit(seqs(10, 1)))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
+    batcher._slots = asyncio.Semaphore(0)  # hold further batches in the queue for this test
+    queued = asyncio.ensure_future(batcher.submit(seqs(10, 3)))  # 30 tokens queued
+    await wait_until(lambda: batcher.queued_tokens == 30)
+    with pytest.raises(errors.Overloaded, match="queue is full"):
+        await batcher.submit(seqs(11, 1))
+    batcher._slots.release()
+    batcher._slots.release()
+    fake_runtime.gate.set()
+    await asyncio.gather(running, queued)
+    await batcher.close()
+
+
+async def test_expired_and_cancelled_work_is_never_computed(fake_runtime: FakeRuntime) -> None:
+    fake_runtime.gate = threading.Event()
+    batcher = make(fake_runtime, max_batch_wait_ms=0, max_batch_size=1)
+    first = asyncio.ensure_future(batcher.submit([[5, 6, 7]]))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
+    expiring = asyncio.ensure_future(batcher.submit([[60, 61]], deadline=time.monotonic() + 0.05))
+    cancelled = asyncio.ensure_future(batcher.submit([[62, 63]]))
+    survivor = asyncio.ensure_future(batcher.submit([[64, 65]]))
+    await asyncio.sleep(0.1)
+    cancelled.cancel()
+    fake_runtime.gate.set()
+    await first
+    with pytest.raises(errors.DeadlineExceeded):
+        await expiring
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await survivor
+    assert [60, 61] not in fake_runtime.rows_seen and [62, 63] not in fake_runtime.rows_seen
+    assert [64, 65] in fake_runtime.rows_seen
+    await batcher.close()
+
+
+async def test_failing_batch_fails_only_its_own_requests(toy_table: np.ndarray) -> None:
+    runtime = FakeRuntime(toy_table, fail=lambda ids: bool((ids == 66).any()))
+    batcher = make(runtime, max_batch_size=1)
+    bad = batcher.submit([[66, 7]])
+    good = batcher.submit([[8, 9]])
+    results = await asyncio.gather(bad, good, return_exceptions=True)
+    assert isinstance(results[0], errors.RuntimeFailure)
+    assert not isinstance(results[1], BaseException)
+    assert (await batcher.submit([[10]])).vectors.shape == (1, 16)  # the batcher carries on
+    await batcher.close()
+
+
+async def test_not_batch_invariant_runs_each_input_alone_unpadded(fake_runtime: FakeRuntime) -> None:
+    batcher = make(fake_runtime, batch_invariant=False)  # type: ignore[arg-type]
+    await batcher.submit([[5] * 3, [6] * 9, [7] * 5])
+    assert sorted(fake_runtime.calls) == [(1, 3), (1, 5), (1, 9)]
+    await batcher.close()
+
+
+async def test_next_batch_is_formed_while_one_runs(fake_runtime: FakeRuntime) -> None:
+    fake_runtime.gate = threading.Event()
+    batcher = make(fake_runtime, max_batch_wait_ms=0, max_batch_size=2)
+    first = asyncio.ensure_future(batcher.submit(seqs(4, 2)))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
+    second = asyncio.ensure_future(batcher.submit(seqs(4, 2)))
+    await wait_until(lambda: batcher.queue_depth == 0)  # formed and handed to the worker already
+    assert len(fake_runtime.calls) == 1  # …while the first batch is still running
+    third = asyncio.ensure_future(batcher.submit(seqs(4, 2)))
+    await asyncio.sleep(0.05)
+    assert batcher.queue_depth == 2  # only two slots: one running, one waiting
+    fake_runtime.gate.set()
+    await asyncio.gather(first, second, third)
+    await batcher.close()
+
+
+async def test_drain_finishes_accepted_work_and_refuses_new(toy_table: np.ndarray) -> None:
+    runtime = FakeRuntime(toy_table, delay_s=0.05)
+    batcher = make(runtime)
+    accepted = asyncio.ensure_future(batcher.submit(seqs(5, 3)))
+    await asyncio.sleep(0)
+    await batcher.drain()
+    assert accepted.done() and accepted.result().vectors.shape == (3, 16)
+    with pytest.raises(errors.Draining):
+        await batcher.submit(seqs(5, 1))
+    await batcher.close()
