@@ -16,7 +16,8 @@ Phases (all bounded in count and time, 127.0.0.1 only):
 3. **sigterm** (``--sigterm``) — SIGTERM under the same load: exit status and time, and how
    calls ended (OK, refused UNAVAILABLE while draining, connection refused after exit).
 
-The RSS bound (see docs/reliability.md): ``rss_ready + 2 × max_queue_tokens × 1 KiB + 64 MiB``.
+The RSS bound (see docs/reliability.md): ``rss_ready + 2 × max_queue_tokens × 1 KiB + 64 MiB``,
+with ``rss_ready`` read after one request shaped like the largest batch (arena at its peak).
 The CI test ``tests/reliability/test_rel_overload.py`` imports :func:`drive` with small bounds.
 """
 
@@ -57,10 +58,11 @@ MIB = 1024 * 1024
 BYTES_PER_QUEUED_TOKEN = 1 * KIB
 FIXED_SLACK = 64 * MIB  # ORT arena growth to the largest batch shape, thread stacks, allocator slack
 
-WORDS = (
-    "search systems embed queries and documents into vectors so that nearby vectors mean related "
-    "texts the service batches requests by length and refuses work it cannot queue"
-).split()
+_SENTENCE = (
+    "search systems embed queries and documents into vectors so that nearby vectors mean related texts "
+    "the service batches requests by length and refuses work it cannot queue"
+)
+WORDS = _SENTENCE.split()
 
 
 def rss_bound(rss_ready: int, max_queue_tokens: int) -> int:
@@ -160,7 +162,10 @@ class RssSampler:
 
 
 def texts_for(rng: random.Random, inputs: int, words: int) -> list[str]:
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(max(1, words // 2), words))) for _ in range(inputs)]
+    return [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(max(1, words // 2), words)))
+        for _ in range(inputs)
+    ]
 
 
 @dataclass
@@ -226,7 +231,9 @@ async def drive(
     outcomes: list[Outcome] = []
     channel = grpc.aio.insecure_channel(grpc_target)
     stub = pb_grpc.EmbeddingServiceStub(channel)
-    connector = aiohttp.TCPConnector(limit=0)
+    # One connection per request: a keep-alive connection that the server closes while shutting
+    # down can race a new request on it (a reset that says nothing about accepted work).
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=hang_guard_s))
 
     async def grpc_call(texts: list[str]) -> None:
@@ -248,7 +255,9 @@ async def drive(
                     vectors = [d["embedding"] for d in body["data"]]
                     status = "OK" if _vectors_ok(vectors, len(texts), dims) else "BAD_ANSWER"
                 elif response.status == 429:
-                    status = "RESOURCE_EXHAUSTED" if response.headers.get("Retry-After") else "429_NO_RETRY_AFTER"
+                    status = (
+                        "RESOURCE_EXHAUSTED" if response.headers.get("Retry-After") else "429_NO_RETRY_AFTER"
+                    )
                 elif response.status == 503 and "shutting down" in json.dumps(body):
                     status = "UNAVAILABLE_DRAINING"
                 else:
@@ -259,7 +268,11 @@ async def drive(
         except TimeoutError:
             outcomes.append(Outcome("http", "HANG", time.perf_counter() - started))
         except aiohttp.ClientError as exc:
-            outcomes.append(Outcome("http", f"HTTP_ERROR {type(exc).__name__}", time.perf_counter() - started))
+            outcomes.append(
+                Outcome(
+                    "http", f"HTTP_ERROR {type(exc).__name__}: {exc}"[:120], time.perf_counter() - started
+                )
+            )
 
     tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
@@ -270,7 +283,12 @@ async def drive(
             at = began + n * interval
             if at - began >= duration_s:
                 break
-            if stop_after is not None and at - began >= stop_after and callable(on_tick):
+            # on_tick fires once, at stop_after seconds or half-way through max_calls if sooner.
+            if (
+                stop_after is not None
+                and (at - began >= stop_after or n >= max_calls // 2)
+                and callable(on_tick)
+            ):
                 on_tick()
                 on_tick = None
             delay = at - loop.time()
@@ -297,7 +315,9 @@ async def drive(
         p99_ok_s=round(_percentile(ok_latencies, 0.99), 4),
         max_latency_s=round(max((o.latency_s for o in outcomes), default=0.0), 4),
         bad_answers=counts["BAD_ANSWER"],
-        unexpected=sorted({f"{o.api}:{o.status}" for o in outcomes if o.status not in ("OK", "RESOURCE_EXHAUSTED")}),
+        unexpected=sorted(
+            {f"{o.api}:{o.status}" for o in outcomes if o.status not in ("OK", "RESOURCE_EXHAUSTED")}
+        ),
     )
     return result, outcomes
 
@@ -315,12 +335,27 @@ async def calibrate(
         async def client() -> None:
             nonlocal done
             while time.perf_counter() < end:
-                await stub.Embed(pb.EmbedRequest(inputs=texts_for(rng, inputs, words)), timeout=60)
-                done += 1
+                try:
+                    await stub.Embed(pb.EmbedRequest(inputs=texts_for(rng, inputs, words)), timeout=60)
+                    done += 1
+                except grpc.aio.AioRpcError as exc:  # the queue is smaller than the clients' work
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    await asyncio.sleep(0.01)
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         return done / (time.perf_counter() - started)
+
+
+async def fill_arena(grpc_target: str, batch: int, words: int) -> None:
+    """One request shaped like the largest batch the budget allows, so ONNX Runtime's arena has
+    grown to its peak before ``rss_ready`` is read (that growth depends on max_batch_tokens and
+    the model's width, not on load; see docs/reliability.md)."""
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words)) for i in range(batch)]
+    async with grpc.aio.insecure_channel(grpc_target) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        await stub.Embed(pb.EmbedRequest(inputs=texts, truncation=pb.TRUNCATION_END), timeout=300)
 
 
 def machine() -> str:
@@ -334,14 +369,25 @@ async def _main(args: argparse.Namespace) -> dict[str, object]:
     stderr = Path(tempfile.mkdtemp(prefix="soak-")) / "embed-serve.stderr"
     extra = ["--max-queue-tokens", str(args.max_queue_tokens), "--grace-period-s", str(args.grace)]
     server = start_server(args.model_dir, stderr, extra)
-    report: dict[str, object] = {"machine": machine(), "date": dt.datetime.now().isoformat(timespec="seconds")}
+    report: dict[str, object] = {
+        "machine": machine(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
     try:
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             info = await pb_grpc.EmbeddingServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
         dims = info.dimensions
+        lim = info.limits
+        await fill_arena(
+            server.grpc_target, lim.max_batch_size, max(1, lim.max_batch_tokens // lim.max_batch_size)
+        )
         rss_ready = server.rss()
         capacity = await calibrate(
-            server.grpc_target, concurrency=args.concurrency, seconds=args.calibrate, inputs=args.inputs, words=args.words
+            server.grpc_target,
+            concurrency=args.concurrency,
+            seconds=args.calibrate,
+            inputs=args.inputs,
+            words=args.words,
         )
         rate = args.factor * capacity
         with RssSampler(server.proc.pid) as sampler:
@@ -393,10 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of overload (upper bound)")
     parser.add_argument("--max-calls", type=int, default=4000, help="upper bound on calls per phase")
     parser.add_argument("--calibrate", type=float, default=5.0, help="seconds of closed-loop calibration")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--inputs", type=int, default=8, help="texts per request")
     parser.add_argument("--words", type=int, default=48, help="max words per text")
-    parser.add_argument("--max-queue-tokens", type=int, default=16384)
+    parser.add_argument("--max-queue-tokens", type=int, default=4096)
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("--sigterm", action="store_true", help="also SIGTERM the server under load")
     args = parser.parse_args(argv)

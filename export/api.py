@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +31,11 @@ from export import precision as prec
 from export.checkpoint import Checkpoint, load_checkpoint
 from export.corpus import GOLDEN_TEXTS, QUERY, CorpusTokenizer, validation_sequences
 from export.errors import ExportError
+from export.passes import GraphVariant, export_opset, resolve_variant
 from export.reference import Reference
 from export.source import resolve
 from export.to_onnx import ExternalData
-from export.validate import gate, measure, ort_session, run_padded
+from export.validate import gate, gate_torch, measure, measure_torch, ort_session, run_padded
 from export.writer import check_output, hash_files, publish, staging
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class ExportOptions:
     overwrite: bool = False
     debug_causal: bool = False
     debug_pooling: Pooling | None = None
+    # Graph passes (export/passes): plain | fused | chunked; None = chunked for qwen2, plain for bert.
+    graph: GraphVariant | None = None
+    # Queries per attention block of the chunked graph; None = sized from heads × max input tokens.
+    attention_query_chunk: int | None = None
 
 
 @contextmanager
@@ -144,18 +149,29 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
             ckpt = load_checkpoint(resolved.folder)
             tok = CorpusTokenizer(ckpt)
         log.info("family %s, pooling %s, dim %d", ckpt.family.name, ckpt.pooling, ckpt.hidden_size)
-        opset = opts.opset or ckpt.family.opset
+        variant = resolve_variant(ckpt.family.name, opts.graph, opts.opset)
+        opset = export_opset(variant, ckpt.family.opset, opts.opset)
         with staging(out) as stage:
             tok.write_bundle_tokenizer(stage / "tokenizer.json")  # fails fast on a tokenizer mismatch
             with _step(f"exporting the {precision} graph"):
                 artifact = prec.produce(ckpt, stage, MODEL_FILE, precision, opset=opset, options=opts)
+            reference = _reference(ckpt, opts)
+            seqs = validation_sequences(
+                tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens)
+            )
+            probe_metrics: dict[str, float] = {}
+            if artifact.probe is not None:
+                with _step("checking fp16 numerics in PyTorch (CPU ORT upcasts fp16 arithmetic)"):
+                    probe_metrics = measure_torch(artifact.probe, reference, seqs, ckpt.pad_id)
+                    gate_torch(probe_metrics, precision)
+                artifact = replace(artifact, probe=None)  # free the torch model before ORT loads
             with _step("validating against the reference"):
                 session = ort_session(stage / MODEL_FILE, opts.threads)
-                seqs = validation_sequences(
-                    tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens)
+                metrics = gate(
+                    measure(session, reference, seqs, ckpt.pad_id), precision, artifact.batch_invariant
                 )
-                metrics = gate(measure(session, _reference(ckpt, opts), seqs, ckpt.pad_id), precision)
                 metrics.update(artifact.checks)
+                metrics.update(probe_metrics)
                 golden = _golden(session, tok, ckpt)
                 del session
             manifest = Manifest(
@@ -170,7 +186,12 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
                 max_input_tokens=opts.max_input_tokens or ckpt.max_input_tokens,
                 precision=precision,
                 batch_invariant=artifact.batch_invariant,
-                graph=GraphSpec(file=MODEL_FILE, external_data=artifact.external_data, opset=opset),
+                graph=GraphSpec(
+                    file=MODEL_FILE,
+                    external_data=artifact.external_data,
+                    opset=opset,
+                    attention_query_chunk=artifact.attention_query_chunk,
+                ),
                 tokenizer=TokenizerSpec(
                     prefix_ids=ckpt.prefix_ids,
                     suffix_ids=ckpt.suffix_ids,

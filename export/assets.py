@@ -139,11 +139,19 @@ def _add_massive_activation(model: Any, per_layer: float, bias: float = 100.0) -
     model.embed_tokens.weight.mul_(1e5)
     for layer in model.layers:
         attn = layer.self_attn
-        attn.v_proj.bias.fill_(bias)
-        # Zero-mean rows ignore the constant bias, so it reaches channel 0 only.
-        attn.o_proj.weight.sub_(attn.o_proj.weight.mean(dim=1, keepdim=True))
+        head_dim = attn.head_dim
+        # One value slot per KV head carries only a constant (weights 0, bias ``bias``): softmax
+        # weights sum to 1, so every token's attention output holds exactly ``bias`` there, and
+        # o_proj maps those slots onto channel 0 alone. Content never shares a slot with it, so
+        # fp16/fp32 rounding of the big constant cannot swallow content.
+        kv_slots = list(range(0, attn.v_proj.weight.shape[0], head_dim))
+        attn.v_proj.weight[kv_slots, :] = 0.0
+        attn.v_proj.bias[kv_slots] = bias
+        q_slots = list(range(0, attn.o_proj.weight.shape[1], head_dim))
         attn.o_proj.weight.mul_(3e5)
-        attn.o_proj.weight[0, :] = per_layer / (bias * attn.o_proj.weight.shape[1])
+        attn.o_proj.weight[:, q_slots] = 0.0
+        attn.o_proj.weight[0, :] = 0.0
+        attn.o_proj.weight[0, q_slots] = per_layer / (bias * len(q_slots))
         layer.mlp.down_proj.weight.mul_(3e5)
         layer.input_layernorm.weight[0] = 0.0
         layer.post_attention_layernorm.weight[0] = 0.0

@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="weights in a side file: auto = when the model passes 2 GB",
     )
+    p.add_argument(
+        "--graph",
+        choices=["plain", "fused", "chunked"],
+        default=None,
+        help="graph passes: fused = opset-23 Attention/RoPE/RMSNorm + GQA; chunked = fused + query-chunked "
+        "attention and MLP (bounded memory to 32k tokens). Default: chunked for qwen2, plain for bert",
+    )
+    p.add_argument("--attention-query-chunk", type=int, help="queries per attention block (chunked graph)")
     p.add_argument("--max-input-tokens", type=int, help="override the model's input limit")
     p.add_argument("--validation-max-length", type=int, default=64, help="longest validation sequence")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for validation")
@@ -96,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             int8_method=args.int8_method,
             external_data=args.external_data,
             max_input_tokens=args.max_input_tokens,
+            graph=args.graph,
+            attention_query_chunk=args.attention_query_chunk,
             validation_max_length=args.validation_max_length,
             threads=args.threads,
             overwrite=args.overwrite,

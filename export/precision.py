@@ -41,6 +41,9 @@ class Artifact:
     external_data: list[str]
     batch_invariant: bool = True
     checks: dict[str, float | int | str | bool] = field(default_factory=dict)
+    # fp16 only: the exported PyTorch module, for the numerics check CPU ORT cannot do.
+    probe: nn.Module | None = None
+    attention_query_chunk: int | None = None  # set when the graph computes attention in query blocks
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -115,14 +118,19 @@ def produce(
     if precision == "fp16":
         embedder = _fp16_embedder(ckpt, options.fp16_mode, **hooks)
         files = export_onnx(embedder, stage / name, **export_kw)
-        return Artifact(files, checks={"fp16_mode": options.fp16_mode})
+        chunk = _graph_passes(stage / name, ckpt, options)
+        return Artifact(
+            files, checks={"fp16_mode": options.fp16_mode}, probe=embedder, attention_query_chunk=chunk
+        )
     embedder = build_embedder(ckpt, **hooks)
     if precision == "fp32":
-        return Artifact(export_onnx(embedder, stage / name, **export_kw))
+        files = export_onnx(embedder, stage / name, **export_kw)
+        return Artifact(files, attention_query_chunk=_graph_passes(stage / name, ckpt, options))
     work = stage / "_fp32"
     work.mkdir()
     try:
         export_onnx(embedder, work / name, **export_kw)
+        chunk = _graph_passes(work / name, ckpt, options, quantize_next=True)
         del embedder  # the quantiser needs the memory more than we need the torch model
         calibration = (
             quantize.calibration_batches(ckpt, options.validation_max_length)
@@ -134,4 +142,26 @@ def produce(
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Artifact(result.external_data, batch_invariant=result.batch_invariant, checks=result.checks)
+    return Artifact(
+        result.external_data,
+        batch_invariant=result.batch_invariant,
+        checks=result.checks,
+        attention_query_chunk=chunk,
+    )
+
+
+def _graph_passes(
+    path: Path, ckpt: Checkpoint, options: ExportOptions, quantize_next: bool = False
+) -> int | None:
+    """Apply the export/passes graph variant in place; returns the attention query chunk (or None)."""
+    from export.passes import apply_for_export, resolve_variant
+
+    report = apply_for_export(
+        path,
+        resolve_variant(ckpt.family.name, options.graph, options.opset),
+        ckpt.config,
+        max_input_tokens=options.max_input_tokens or ckpt.max_input_tokens,
+        query_chunk=options.attention_query_chunk,
+        quantize_next=quantize_next,
+    )
+    return report.attention_query_chunk

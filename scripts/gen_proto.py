@@ -82,12 +82,12 @@ def _tree(directory: Path) -> dict[str, str]:
     }
 
 
-def check() -> int:
+def check(committed_dir: Path = OUT_DIR) -> int:
     """Regenerate into a temp dir; report and fail on any difference with ``service/pb``."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh_dir = Path(tmp) / "pb"
         generate(fresh_dir)
-        fresh, committed = _tree(fresh_dir), _tree(OUT_DIR) if OUT_DIR.is_dir() else {}
+        fresh, committed = _tree(fresh_dir), _tree(committed_dir) if committed_dir.is_dir() else {}
     drift = []
     for name in sorted(set(fresh) | set(committed)):
         if name not in committed:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -34,6 +35,7 @@ import numpy as np
 
 from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
+from service.pending import PendingQueue
 from service.runtime import IntArray, Runtime
 
 log = logging.getLogger("service.batcher")
@@ -77,6 +79,7 @@ class _Request:
     admitted: float
     remaining: int
     request_id: str = ""
+    items: list[_Item] = field(default_factory=list)
     vectors: FloatArray | None = None
     norms: FloatArray | None = None
     first_start: float | None = None
@@ -94,6 +97,7 @@ class _Item:
     index: int
     length: int
     seq: int
+    gone: bool = False  # taken into a batch or dropped (PendingQueue bookkeeping)
 
 
 @dataclass
@@ -134,9 +138,8 @@ class Batcher:
         self._pad_id = pad_id
         self._batch_invariant = batch_invariant
         self._on_batch = on_batch
-        self._pending: dict[int, _Item] = {}  # insertion-ordered: first is oldest
+        self._pending: PendingQueue[_Item] = PendingQueue()
         self._seq = itertools.count()
-        self._queued_tokens = 0
         self._in_flight = 0
         self._closing = False
         self._arrived = asyncio.Event()
@@ -150,7 +153,7 @@ class Batcher:
     # --- public ------------------------------------------------------------------------------
     @property
     def queued_tokens(self) -> int:
-        return self._queued_tokens
+        return self._pending.tokens
 
     @property
     def queue_depth(self) -> int:
@@ -166,10 +169,10 @@ class Batcher:
         """Queue one request's inputs (model input ids); resolves when all are computed."""
         if self._closing:
             raise Draining("the server is shutting down; retry on another replica")
-        tokens = sum(len(x) for x in ids)
-        if self._queued_tokens and self._queued_tokens + tokens > self.max_queue_tokens:
+        tokens, queued = sum(len(x) for x in ids), self._pending.tokens
+        if queued and queued + tokens > self.max_queue_tokens:
             raise Overloaded(
-                f"server queue is full ({self._queued_tokens} tokens queued, limit {self.max_queue_tokens}); "
+                f"server queue is full ({queued} tokens queued, limit {self.max_queue_tokens}); "
                 "retry with back-off"
             )
         loop = asyncio.get_running_loop()
@@ -179,11 +182,11 @@ class Batcher:
         request = _Request(
             ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id
         )
-        request.future.add_done_callback(_mark_dropped_if_cancelled(request))
+        request.future.add_done_callback(functools.partial(self._on_done, request))
         for index, seq_ids in enumerate(ids):
-            seq = next(self._seq)
-            self._pending[seq] = _Item(request, index, len(seq_ids), seq)
-        self._queued_tokens += tokens
+            item = _Item(request, index, len(seq_ids), next(self._seq))
+            request.items.append(item)
+            self._pending.add(item)
         self._idle.clear()
         self._arrived.set()
         return await request.future
@@ -200,9 +203,8 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for item in list(self._pending.values()):
+        for item in self._pending.items():
             self._fail(item.request, Draining("the server stopped before this request was computed"))
-        self._pending.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     # --- scheduling (event loop) -------------------------------------------------------------
@@ -226,8 +228,7 @@ class Batcher:
 
     async def _wait_to_fill(self) -> None:
         """Wait up to max_batch_wait (from the oldest input's arrival) unless a batch is full."""
-        while self._pending and not self._full():
-            oldest = next(iter(self._pending.values()))
+        while (oldest := self._pending.oldest()) is not None and not self._full():
             left = oldest.request.admitted + self.max_wait_s - time.monotonic()
             if left <= 0:
                 return
@@ -238,38 +239,53 @@ class Batcher:
                 return
 
     def _full(self) -> bool:
-        return len(self._pending) >= self.max_batch_size or self._queued_tokens >= self.max_batch_tokens
+        return len(self._pending) >= self.max_batch_size or self._pending.tokens >= self.max_batch_tokens
 
     def _form(self) -> list[_Item]:
-        """Oldest live input first, then the nearest lengths that fit the token budget."""
+        """Oldest live input first, then the nearest lengths that fit the budget and may share."""
         now = time.monotonic()
-        for seq, item in list(self._pending.items()):
-            request = item.request
-            if request.dropped or request.future.done() or request.expired(now):
-                del self._pending[seq]
-                self._queued_tokens -= item.length
-                if not request.future.done() and request.expired(now):
-                    self._fail(request, DeadlineExceeded("deadline passed while queued; not computed"))
-        if not self._pending:
+        oldest = self._pending.oldest()
+        while oldest is not None and self._dead(oldest, now):
+            oldest = self._pending.oldest()
+        if oldest is None:
             return []
-        oldest = next(iter(self._pending.values()))
+        self._pending.remove(oldest)
         batch, shortest, longest = [oldest], oldest.length, oldest.length
-        if self._batch_invariant:
-            rest = sorted(
-                (it for it in self._pending.values() if it is not oldest),
-                key=lambda it: (abs(it.length - oldest.length), it.seq),
-            )
-            for item in rest:
-                if len(batch) >= self.max_batch_size:
+        if not self._batch_invariant:
+            return batch
+        for length, items in self._pending.by_distance(oldest.length):
+            low, high = min(shortest, length), max(longest, length)
+            if len(batch) >= self.max_batch_size:
+                break
+            if not may_share_batch(low, high) or batch_cost(len(batch) + 1, high) > self.max_batch_tokens:
+                continue  # this length cannot join; a nearer-to-the-middle one still might
+            for item in items:
+                if (
+                    len(batch) >= self.max_batch_size
+                    or batch_cost(len(batch) + 1, high) > self.max_batch_tokens
+                ):
                     break
-                low, high = min(shortest, item.length), max(longest, item.length)
-                if batch_cost(len(batch) + 1, high) <= self.max_batch_tokens and may_share_batch(low, high):
-                    batch.append(item)
-                    shortest, longest = low, high
-        for item in batch:
-            del self._pending[item.seq]
-            self._queued_tokens -= item.length
+                if self._dead(item, now):
+                    continue
+                self._pending.remove(item)
+                batch.append(item)
+                shortest, longest = low, high
         return batch
+
+    def _dead(self, item: _Item, now: float) -> bool:
+        """Drop a queued input whose request was cancelled, failed or ran out of time."""
+        request = item.request
+        if request.dropped or request.future.done():
+            self._pending.remove(item)
+            return True
+        if request.expired(now):
+            self._fail(request, DeadlineExceeded("deadline passed while queued; not computed"))
+            return True
+        return False
+
+    def _on_done(self, request: _Request, future: asyncio.Future[BatchOutput]) -> None:
+        if future.cancelled():  # the client went away: free its queue space now
+            self._fail(request, None)
 
     def _finished(self, future: asyncio.Future[_Done]) -> None:
         self._slots.release()
@@ -317,9 +333,12 @@ class Batcher:
                 )
             )
 
-    def _fail(self, request: _Request, error: EmbeddingError) -> None:
+    def _fail(self, request: _Request, error: EmbeddingError | None) -> None:
+        """Fail a request (``None``: it was cancelled) and remove its inputs still queued."""
         request.dropped = True
-        if not request.future.done():
+        for item in request.items:
+            self._pending.remove(item)
+        if error is not None and not request.future.done():
             request.future.set_exception(error)
 
     def _check_idle(self) -> None:
@@ -364,11 +383,3 @@ class Batcher:
         if vectors.shape[0] != len(seqs) or norms.shape[0] != len(seqs):
             raise RuntimeError(f"runtime returned {vectors.shape[0]} vectors for {len(seqs)} inputs")
         return vectors, norms
-
-
-def _mark_dropped_if_cancelled(request: _Request) -> Callable[[asyncio.Future[BatchOutput]], None]:
-    def callback(future: asyncio.Future[BatchOutput]) -> None:
-        if future.cancelled():
-            request.dropped = True
-
-    return callback

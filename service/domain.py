@@ -7,7 +7,7 @@ protobuf or an HTTP body, and each front end can be tested against the same sema
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -171,4 +171,3 @@ class ModelInfo:
     batch_invariant: bool
     matryoshka: bool
     encodings: tuple[Encoding, ...] = ("values", "float32", "float16", "int8", "binary")
-    extra: dict[str, str] = field(default_factory=dict)

@@ -54,10 +54,20 @@ def _token_ids(value: list[Any], param: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def _text(value: str, param: str) -> str:
+    """JSON allows lone surrogates ("\\ud800"); they are not Unicode text and the tokenizer
+    cannot take them, so they are a 400 here rather than a runtime error later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"'{param}' is not valid Unicode (lone surrogate)", field=param) from None
+    return value
+
+
 def parse_input(value: object) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
     """``input`` as (texts, token_ids); exactly one is non-empty unless the list is empty."""
     if isinstance(value, str):
-        return (value,), ()
+        return (_text(value, "input"),), ()
     if not isinstance(value, list):
         raise InvalidInput(
             "'input' must be a string, a list of strings, a list of token ids or a list of such lists",
@@ -67,7 +77,7 @@ def parse_input(value: object) -> tuple[tuple[str, ...], tuple[tuple[int, ...], 
     if not items:
         raise InvalidInput("'input' must not be empty", field="input")
     if all(isinstance(x, str) for x in items):
-        return tuple(cast("list[str]", items)), ()
+        return tuple(_text(x, f"input[{i}]") for i, x in enumerate(cast("list[str]", items))), ()
     if all(_is_int(x) for x in items):
         return (), (_token_ids(items, "input"),)
     if all(isinstance(x, list) for x in items):
@@ -77,8 +87,10 @@ def parse_input(value: object) -> tuple[tuple[str, ...], tuple[tuple[int, ...], 
 
 def _optional_str(body: Mapping[str, Any], name: str) -> str | None:
     value = body.get(name)
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
+    if isinstance(value, str):
+        return _text(value, name)
     raise InvalidInput(f"'{name}' must be a string", field=name)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from bundle.manifest import Manifest
 from service.domain import SelfTestResult
+from service.errors import EmbeddingError
 from service.runtime import IntArray, Runtime, StartupError
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
@@ -59,14 +60,20 @@ def self_test(
         )
     worst = 1.0
     for number, golden in enumerate(manifest.golden):
-        (encoded,) = tokenizer.encode_texts(
-            [golden.text], input_type=golden.input_type, task=golden.task, truncation="none"
-        )
+        try:
+            (encoded,) = tokenizer.encode_texts(
+                [golden.text], input_type=golden.input_type, task=golden.task, truncation="none"
+            )
+        except EmbeddingError as exc:  # e.g. max_input_tokens set below a golden input's length
+            raise StartupError(
+                f"self-test: golden input {number} cannot be tokenised: {exc.message}"
+            ) from exc
         if list(encoded.ids) != golden.token_ids:
             raise StartupError(
                 f"self-test: golden input {number} ({golden.text[:40]!r}) tokenises to different ids "
                 f"than at export time (first ids {list(encoded.ids[:8])} vs {golden.token_ids[:8]}): the "
-                "tokenizer or its instruction/EOS policy does not match the bundle"
+                f"tokenizer ({manifest.tokenizer.file}) or its instruction/EOS policy does not match "
+                "the bundle"
             )
         ids: IntArray = np.asarray([encoded.ids], dtype=np.int64)
         vectors, _ = runtime.run(ids, np.ones_like(ids))

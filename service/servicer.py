@@ -250,27 +250,34 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedResponse]:
-        """Read ahead (up to STREAM_WINDOW requests computing), answer strictly in order."""
-        window: asyncio.Queue[asyncio.Task[tuple[EmbedResult, Encoding]] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
+        """Read ahead (up to STREAM_WINDOW requests computing), answer strictly in order.
+
+        The semaphore bounds work in flight; the queue itself is unbounded so the reader's
+        end-of-stream marker can always be delivered, even while it is being cancelled.
+        """
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        order: asyncio.Queue[asyncio.Task[tuple[EmbedResult, Encoding]] | None] = asyncio.Queue()
         started: set[asyncio.Task[tuple[EmbedResult, Encoding]]] = set()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await window.acquire()
                     task = asyncio.ensure_future(self._embed(request, context))
                     started.add(task)
                     task.add_done_callback(started.discard)
-                    await window.put(task)
+                    order.put_nowait(task)
             finally:
-                await window.put(None)
+                order.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
         try:
             index = 0
-            while (task := await window.get()) is not None:
-                result, encoding = await task
+            while (task := await order.get()) is not None:
+                try:
+                    result, encoding = await task
+                finally:
+                    window.release()
                 for response in to_responses(
                     result, encoding, request_index=index, max_bytes=self._max_bytes
                 ):

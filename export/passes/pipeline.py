@@ -126,12 +126,14 @@ def apply_graph_variant(
     )
 
 
-def resolve_variant(family: str, requested: GraphVariant | None) -> GraphVariant:
+def resolve_variant(family: str, requested: GraphVariant | None, opset: int | None = None) -> GraphVariant:
     """The export default: ``chunked`` for qwen2 (bounded memory at any length, parity-gated like
     every graph), ``plain`` for BERT (its 512-token inputs need no chunking, and opset 23 adds no
-    native op that matches BERT's post-norm layers)."""
+    native op that matches BERT's post-norm layers). An explicit opset below 23 means ``plain``."""
     if requested is not None:
         return requested
+    if opset is not None and opset < FUSED_OPSET:
+        return "plain"
     return "chunked" if family == "qwen2" else "plain"
 
 

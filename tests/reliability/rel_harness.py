@@ -195,7 +195,9 @@ def embed_serve(args: list[str], stderr_path: Path) -> Iterator[subprocess.Popen
                 proc.wait(10)
 
 
-def wait_serving(port: int, proc: subprocess.Popen[bytes], stderr_path: Path, timeout_s: float = 90.0) -> None:
+def wait_serving(
+    port: int, proc: subprocess.Popen[bytes], stderr_path: Path, timeout_s: float = 90.0
+) -> None:
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)

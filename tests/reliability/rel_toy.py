@@ -39,7 +39,8 @@ from bundle.manifest import (
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 PAD, UNK, CLS, SEP = range(4)
 # Words w0 … w499 plus the template's words: enough distinct tokens to tag every request.
-WORDS = [f"w{i}" for i in range(500)] + "instruct query find documents about the cat : . ,".split()
+TEMPLATE_WORDS = "instruct query find documents about the cat : . ,"
+WORDS = [f"w{i}" for i in range(500)] + TEMPLATE_WORDS.split()
 DIM = 16
 MAX_TOKENS = 32
 TEMPLATE = "Instruct: {task}\nQuery: {text}"
@@ -135,7 +136,9 @@ def build_toy_bundle(out: Path, *, max_input_tokens: int = MAX_TOKENS) -> Path:
         max_input_tokens=max_input_tokens,
         precision="fp32",
         graph=GraphSpec(opset=18),
-        tokenizer=TokenizerSpec(prefix_ids=[CLS], suffix_ids=[SEP], pad_id=PAD, vocab_size=VOCAB, lowercase=True),
+        tokenizer=TokenizerSpec(
+            prefix_ids=[CLS], suffix_ids=[SEP], pad_id=PAD, vocab_size=VOCAB, lowercase=True
+        ),
         prompts=PromptSpec(query_template=TEMPLATE, tasks=TASKS, default_task=None),
         files={name: file_sha256(out / name) for name in ("model.onnx", "tokenizer.json")},
         validation={"passed": True},
@@ -215,7 +218,8 @@ class CountingRuntime:
         if self.delay_s:
             time.sleep(self.delay_s)
         rows = [
-            [int(x) for x in row[mask.astype(bool)]] for row, mask in zip(input_ids, attention_mask, strict=True)
+            [int(x) for x in row[mask.astype(bool)]]
+            for row, mask in zip(input_ids, attention_mask, strict=True)
         ]
         failed = self.fail is not None and self.fail(rows)
         with self.lock:

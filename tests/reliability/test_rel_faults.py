@@ -7,7 +7,6 @@ timings: "never computed" means the runtime never saw the request's token ids.
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import aiohttp
@@ -57,7 +56,9 @@ async def test_runtime_failure_fails_only_its_batch(rel_toy_bundle: Path) -> Non
 
             async def one(i: int) -> grpc.StatusCode:
                 try:
-                    await stub.Embed(pb.EmbedRequest(inputs=[tag(i)], request_id=f"r{i}"), timeout=HANG_GUARD_S)
+                    await stub.Embed(
+                        pb.EmbedRequest(inputs=[tag(i)], request_id=f"r{i}"), timeout=HANG_GUARD_S
+                    )
                     return grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as exc:
                     assert "secret-internal-detail" not in (exc.details() or "")
@@ -87,7 +88,9 @@ async def test_expired_while_queued_is_never_computed(rel_toy_bundle: Path) -> N
         runtime.hold()
         async with grpc_channel(live.grpc_target) as channel:
             stub, _ = stubs(channel)
-            blocker = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S))
+            blocker = asyncio.ensure_future(
+                stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S)
+            )
             await wait_for(runtime.entered.is_set, "the runtime to start the first batch")
             late = [
                 asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=[tag(i)]), timeout=0.3))
@@ -116,7 +119,9 @@ async def test_stream_cancel_drops_queued_work(rel_toy_bundle: Path) -> None:
         runtime.hold()
         async with grpc_channel(live.grpc_target) as channel:
             stub, _ = stubs(channel)
-            blocker = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S))
+            blocker = asyncio.ensure_future(
+                stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S)
+            )
             await wait_for(runtime.entered.is_set, "the runtime to start the first batch")
             stream = stub.EmbedStream()
             for i in range(1, 21):
@@ -139,7 +144,9 @@ async def test_http_client_disconnect_drops_queued_work(rel_toy_bundle: Path) ->
         runtime.hold()
         async with grpc_channel(live.grpc_target) as channel:
             stub, _ = stubs(channel)
-            blocker = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S))
+            blocker = asyncio.ensure_future(
+                stub.Embed(pb.EmbedRequest(inputs=[tag(0)]), timeout=HANG_GUARD_S)
+            )
             await wait_for(runtime.entered.is_set, "the runtime to start the first batch")
             async with aiohttp.ClientSession() as http:
                 posts = [

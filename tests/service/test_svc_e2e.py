@@ -54,11 +54,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def documented_commands() -> list[list[str]]:
-    text = DOC.read_text()
-    block = re.search(r"<!-- grpcurl-commands.*?-->\s*```bash\n(.*?)```", text, re.S)
-    assert block, "docs/api.md lost its grpcurl-commands block"
+def documented_commands(doc: Path = DOC) -> list[list[str]]:
+    """The grpcurl lines of the block after the ``<!-- grpcurl-commands -->`` marker."""
+    block = re.search(r"<!-- grpcurl-commands.*?-->\s*```bash\n(.*?)```", doc.read_text(), re.S)
+    if block is None:
+        return []
     return [shlex.split(line) for line in block.group(1).splitlines() if line.startswith("grpcurl ")]
+
+
+def test_readme_shows_the_tested_commands() -> None:
+    """If the README carries the marked block, it must be the same commands this file runs."""
+    assert documented_commands(), "docs/api.md lost its grpcurl-commands block"
+    readme = ROOT / "README.md"
+    shown = documented_commands(readme) if readme.exists() else []
+    if not shown:
+        pytest.skip("README.md has no <!-- grpcurl-commands --> block")
+    assert shown == documented_commands()
 
 
 def wait_serving(port: int, proc: subprocess.Popen[str], timeout_s: float = 90.0) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,10 +18,17 @@ from svc_toy import CLS, SEP, FakeRuntime, content_ids, toy_tokenizer
 from service.core import EmbeddingCore
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from service.server import build_server
+from service.server import build_server, shutdown
 
 pytestmark = pytest.mark.asyncio
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
 
 
 def model_ids(text: str) -> list[int]:
@@ -78,6 +87,9 @@ async def test_runtime_failure_is_internal_without_details(toy_bundle: Path, toy
     async with serving(toy_bundle, runtime) as h:
         code, details, _ = await code_of(h.stub.Embed(pb.EmbedRequest(inputs=["eos"], request_id="rq-5")))
         ok = await h.stub.Embed(pb.EmbedRequest(inputs=["paris"]))
+        stream = h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=["eos"], request_id="rq-6")]))
+        stream_code, stream_details, _ = await code_of(stream.read())
+    assert stream_code == grpc.StatusCode.INTERNAL and "rq-6" in stream_details
     assert code == grpc.StatusCode.INTERNAL
     assert "rq-5" in details and "secret" not in details and "exploded" not in details
     assert len(ok.embeddings) == 1
@@ -117,20 +129,16 @@ async def test_cancelled_work_is_never_computed(toy_bundle: Path, toy_table: np.
     assert model_ids("london") in runtime.rows_seen
 
 
-async def test_overload_is_resource_exhausted(toy_bundle: Path, toy_table: np.ndarray) -> None:
-    runtime = FakeRuntime(toy_table)
-    async with serving(toy_bundle, runtime, max_batch_wait_ms=0, max_batch_size=1, max_queue_tokens=12) as h:
-        runtime.gate = threading.Event()
-        runtime.started.clear()
-        running = [asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"]))) for _ in range(2)]
-        await asyncio.to_thread(runtime.started.wait, 5)
+async def test_overload_is_resource_exhausted(toy_bundle: Path, fake_runtime: FakeRuntime) -> None:
+    # A long batch wait keeps admitted work queued, so the queue's token count is deterministic.
+    async with serving(toy_bundle, fake_runtime, max_batch_wait_ms=400, max_queue_tokens=12) as h:
         queued = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["a b c d e f g h"])))  # 10 tokens
-        while h.core.batcher.queued_tokens < 10:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: h.core.batcher.queued_tokens == 10)
         code, details, _ = await code_of(h.stub.Embed(pb.EmbedRequest(inputs=["one two three"])))
-        runtime.gate.set()
-        await asyncio.gather(*running, queued)
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
+        assert len((await queued).embeddings) == 1
+        ok = await h.stub.Embed(pb.EmbedRequest(inputs=["one two three"]))  # room again
+    assert len(ok.embeddings) == 1
 
 
 async def test_unavailable_while_warming_up(toy_bundle: Path, fake_runtime: FakeRuntime) -> None:
@@ -176,3 +184,41 @@ async def test_stream_error_ends_stream_after_earlier_answers(
                 got.append(response)
     assert [r.request_index for r in got] == [0]
     assert err.value.code() == INVALID
+
+
+async def test_stream_is_pipelined(toy_bundle: Path, toy_table: np.ndarray) -> None:
+    """Requests 2 and 3 reach the batcher while request 1 is still computing."""
+    runtime = FakeRuntime(toy_table)
+    async with serving(toy_bundle, runtime, max_batch_wait_ms=0, max_batch_size=1) as h:
+        runtime.gate = threading.Event()
+        runtime.started.clear()
+        call = h.stub.EmbedStream()
+        await call.write(pb.EmbedRequest(inputs=["paris"], request_id="1"))
+        await asyncio.to_thread(runtime.started.wait, 5)
+        await call.write(pb.EmbedRequest(inputs=["london"], request_id="2"))
+        await call.write(pb.EmbedRequest(inputs=["tokyo"], request_id="3"))
+        batcher = h.core.batcher
+        # "london" is formed into the worker's queue, "tokyo" waits in the batcher's: both admitted
+        # while request 1 is still computing.
+        await wait_for(lambda: batcher.queue_depth == 1 and batcher.queued_tokens == 3)
+        runtime.gate.set()
+        await call.done_writing()
+        answers = [r.request_id async for r in call]
+    assert answers == ["1", "2", "3"]
+
+
+async def test_graceful_shutdown_finishes_accepted_work(toy_bundle: Path, toy_table: np.ndarray) -> None:
+    runtime = FakeRuntime(toy_table, delay_s=0.3)
+    async with serving(toy_bundle, runtime) as h:
+        runtime.started.clear()
+        accepted = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"])))
+        await asyncio.to_thread(runtime.started.wait, 5)
+        stopping = asyncio.ensure_future(shutdown(h.server, h.core, grace_period_s=5))
+        await asyncio.sleep(0.05)
+        r = await h.health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        code, details, _ = await code_of(h.stub.Embed(pb.EmbedRequest(inputs=["london"])))
+        assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details
+        assert len((await accepted).embeddings) == 1  # accepted work finished
+        await stopping
+        assert h.core.state == "stopped"

@@ -1,0 +1,154 @@
+"""SIGTERM under load against ``embed-serve`` as a subprocess: health NOT_SERVING first, every
+accepted request answered, new ones refused with UNAVAILABLE, exit 0 inside the grace period.
+Also: API keys never reach the server's logs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rel_harness import embed_serve, free_port, wait_serving
+
+from bench.soak import calibrate, drive, start_server
+from service.pb.embedding.v1 import embedding_pb2 as pb
+from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+GRACE_S = 20.0
+# Accepted work ends OK; refused work says why. Anything else (CANCELLED, INTERNAL, a reset
+# connection, a hang) would be a request lost in the shutdown.
+ALLOWED = {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE_DRAINING", "UNAVAILABLE_CONNECT"}
+
+
+class HealthWatch(threading.Thread):
+    """Polls gRPC health; remembers when NOT_SERVING was first *answered* by the server."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.first_not_serving: float | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while not self.stop.is_set() and self.first_not_serving is None:
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        self.first_not_serving = time.monotonic()
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.005)
+
+
+def test_sigterm_under_load(tiny_qwen2_bundle: Path, tmp_path: Path) -> None:
+    inputs, words = 8, 200
+    server = start_server(
+        tiny_qwen2_bundle,
+        tmp_path / "stderr.log",
+        ["--grace-period-s", str(GRACE_S), "--max-input-tokens", "512", "--intra-op-threads", "1"],
+    )
+    watch = HealthWatch(server.grpc_target)
+    sent: list[float] = []
+
+    def term() -> None:
+        watch.start()
+        sent.append(time.monotonic())
+        server.proc.send_signal(signal.SIGTERM)
+
+    try:
+        capacity = asyncio.run(
+            calibrate(server.grpc_target, concurrency=4, seconds=1.5, inputs=inputs, words=words)
+        )
+        # Load at 2× capacity for 4 s; SIGTERM after 2 s, while a queue of work is in flight.
+        result, _outcomes = asyncio.run(
+            drive(
+                server.grpc_target,
+                server.http_url,
+                rate_rps=2 * capacity,
+                duration_s=4.0,
+                max_calls=200,
+                inputs=inputs,
+                words=words,
+                dims=64,
+                hang_guard_s=GRACE_S + 10,
+                stop_after=2.0,
+                on_tick=term,
+            )
+        )
+        assert sent, "SIGTERM was never sent"
+        code = server.proc.wait(GRACE_S + 10)
+        exited = time.monotonic()
+    finally:
+        watch.stop.set()
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+    summary = f"capacity {capacity:.1f} req/s, outcomes {result.counts}, exit {code}"
+    print(summary, f"exit after {exited - sent[0]:.2f}s")
+    assert sent, "SIGTERM was never sent"
+    assert code == 0, summary
+    assert exited - sent[0] < GRACE_S, summary
+    assert watch.first_not_serving is not None, "health never answered NOT_SERVING before the exit"
+    assert sent[0] <= watch.first_not_serving < exited
+    assert set(result.counts) <= ALLOWED, summary
+    assert result.counts.get("OK", 0) > 0
+    refused = result.counts.get("UNAVAILABLE_DRAINING", 0) + result.counts.get("UNAVAILABLE_CONNECT", 0)
+    assert refused > 0, f"no call after SIGTERM was refused: {summary}"
+    assert result.bad_answers == 0
+
+
+def test_keys_never_logged(rel_toy_bundle: Path, tmp_path: Path) -> None:
+    """Right and wrong keys on gRPC and HTTP, debug logging: no key in the process's output.
+
+    (The HTTP engineer's tests/http/test_http_server.py::test_access_logs_have_fields_and_never_a_key
+    covers the in-process access log; this is the whole process, start-up to shutdown.)"""
+    key, wrong = "sk-rel-7f3a9c1e5b2d4a68", "sk-wrong-0b1c2d3e4f5a6b7c"
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# rotation\n{key}\nsk-second-key-99887766\n")
+    grpc_port, http_port = free_port(), free_port()
+    stderr = tmp_path / "stderr.log"
+    args = [
+        "--model-dir", str(rel_toy_bundle), "--port", str(grpc_port), "--http-port", str(http_port),
+        "--api-keys-file", str(keys_file), "--log-level", "debug",
+    ]  # fmt: skip
+    with embed_serve(args, stderr) as proc:
+        wait_serving(grpc_port, proc, stderr)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            for secret, ok in ((key, True), (wrong, False), (f"{key}x", False)):
+                try:
+                    stub.Embed(
+                        pb.EmbedRequest(inputs=["w1"]),
+                        metadata=[("authorization", f"Bearer {secret}")],
+                        timeout=10,
+                    )
+                    assert ok
+                except grpc.RpcError as exc:
+                    assert not ok and exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert secret not in (exc.details() or "")
+        for secret, status in ((key, 200), (wrong, 401)):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/embeddings",
+                data=b'{"input": "w1"}',
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert response.status == status
+            except urllib.error.HTTPError as exc:
+                assert exc.code == status
+                assert secret not in exc.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    log = stderr.read_text()
+    assert "request_id" in log or "status" in log, "expected debug/access logs to check"
+    for secret in (key, wrong, "sk-second-key-99887766"):
+        assert secret not in log
