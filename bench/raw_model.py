@@ -129,9 +129,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
             vocab = 30522
         else:
             folder = _models.checkpoint_dir(_models.SHAPES[model])
-            names = ["plain", "fused", "chunked", "int8_dynamic", "int8_qdq"] + (
-                ["fp16"] if model == "tiny" else []
-            )
+            names = ["plain", "fused", "chunked", "int8_dynamic", "int8_qdq", "int8_pertoken"]
+            names += ["fp16"] if model == "tiny" else []
             files = {n: _models.onnx_file(folder, n) for n in names}
             vocab = 151646
         module = _models.embedder(folder)

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -153,27 +153,36 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
         opset = export_opset(variant, ckpt.family.opset, opts.opset)
         with staging(out) as stage:
             tok.write_bundle_tokenizer(stage / "tokenizer.json")  # fails fast on a tokenizer mismatch
-            with _step(f"exporting the {precision} graph"):
-                artifact = prec.produce(ckpt, stage, MODEL_FILE, precision, opset=opset, options=opts)
-            reference = _reference(ckpt, opts)
             seqs = validation_sequences(
                 tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens)
             )
-            probe_metrics: dict[str, float] = {}
-            if artifact.probe is not None:
+            # The reference's weights are loaded only when first needed, so the export step itself
+            # never holds them next to the torch model (fp16 needs both, for its numerics check).
+            references: list[Reference] = []
+
+            def reference() -> Reference:
+                if not references:
+                    references.append(_reference(ckpt, opts))
+                return references[0]
+
+            def fp16_probe(module: Any) -> dict[str, float]:
                 with _step("checking fp16 numerics in PyTorch (CPU ORT upcasts fp16 arithmetic)"):
-                    probe_metrics = measure_torch(artifact.probe, reference, seqs, ckpt.pad_id)
+                    probe_metrics = measure_torch(module, reference(), seqs, ckpt.pad_id)
                     gate_torch(probe_metrics, precision)
-                artifact = replace(artifact, probe=None)  # free the torch model before ORT loads
+                return probe_metrics
+
+            with _step(f"exporting the {precision} graph"):
+                artifact = prec.produce(
+                    ckpt, stage, MODEL_FILE, precision, opset=opset, options=opts, fp16_probe=fp16_probe
+                )
             with _step("validating against the reference"):
                 session = ort_session(stage / MODEL_FILE, opts.threads)
                 metrics = gate(
-                    measure(session, reference, seqs, ckpt.pad_id), precision, artifact.batch_invariant
+                    measure(session, reference(), seqs, ckpt.pad_id), precision, artifact.batch_invariant
                 )
                 metrics.update(artifact.checks)
-                metrics.update(probe_metrics)
                 golden = _golden(session, tok, ckpt)
-                del session
+                del session, references[:]
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 model_id=opts.model_id

@@ -59,8 +59,23 @@ class Checkpoint:
 
     @property
     def num_parameters_estimate(self) -> int:
-        """Parameter count from the weight files' sizes (bytes / dtype width), for memory planning."""
-        return sum(p.stat().st_size for p in self.weight_files) // 4
+        """Parameter count from the safetensors headers (no tensor is read), for memory planning."""
+        return sum(_header_parameters(p) for p in self.weight_files)
+
+
+def _header_parameters(path: Path) -> int:
+    """Sum of tensor sizes declared in a safetensors header (8-byte length + JSON)."""
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dim in info["shape"]:
+                count *= int(dim)
+            total += count
+    return total
 
 
 def _read_json(path: Path) -> Any:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,8 +42,6 @@ class Artifact:
     external_data: list[str]
     batch_invariant: bool = True
     checks: dict[str, float | int | str | bool] = field(default_factory=dict)
-    # fp16 only: the exported PyTorch module, for the numerics check CPU ORT cannot do.
-    probe: nn.Module | None = None
     attention_query_chunk: int | None = None  # set when the graph computes attention in query blocks
 
 
@@ -105,9 +104,20 @@ def _fp16_embedder(ckpt: Checkpoint, mode: Fp16Mode, **kw: Any) -> Embedder:
 
 
 def produce(
-    ckpt: Checkpoint, stage: Path, name: str, precision: Precision, *, opset: int, options: ExportOptions
+    ckpt: Checkpoint,
+    stage: Path,
+    name: str,
+    precision: Precision,
+    *,
+    opset: int,
+    options: ExportOptions,
+    fp16_probe: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> Artifact:
-    """Write ``stage/name`` (+ external data) in ``precision`` and return what was produced."""
+    """Write ``stage/name`` (+ external data) in ``precision`` and return what was produced.
+
+    ``fp16_probe`` checks the fp16 PyTorch module's numerics *before* the (slow) export, so an
+    overflowing model fails in seconds; it raises on failure and returns metrics to record.
+    """
     hooks: dict[str, Any] = {"causal": options.debug_causal, "pooling": options.debug_pooling}
     export_kw: dict[str, Any] = {
         "pad_id": ckpt.pad_id,
@@ -117,11 +127,11 @@ def produce(
     }
     if precision == "fp16":
         embedder = _fp16_embedder(ckpt, options.fp16_mode, **hooks)
+        checks: dict[str, float | int | str | bool] = {"fp16_mode": options.fp16_mode}
+        checks.update(fp16_probe(embedder) if fp16_probe is not None else {})
         files = export_onnx(embedder, stage / name, **export_kw)
         chunk = _graph_passes(stage / name, ckpt, options)
-        return Artifact(
-            files, checks={"fp16_mode": options.fp16_mode}, probe=embedder, attention_query_chunk=chunk
-        )
+        return Artifact(files, checks=checks, attention_query_chunk=chunk)
     embedder = build_embedder(ckpt, **hooks)
     if precision == "fp32":
         files = export_onnx(embedder, stage / name, **export_kw)

@@ -4,7 +4,8 @@ Why this shape (and not TEI's FIFO): a batch costs ``batch × longest`` padded t
 long text in a batch of short ones makes them all pay for it. The scheduler takes the *oldest*
 queued input (so nothing starves) and fills the batch with the inputs nearest to it in length,
 within ``max_batch_tokens`` and ``max_batch_size``, never mixing lengths far apart
-(:func:`may_share_batch`). :func:`batch_cost` is the single cost model.
+(:func:`may_share_batch`). :func:`batch_cost` is the single cost model. The queue is indexed by
+length (:mod:`service.pending`), so forming a batch does not scan the backlog.
 
 * Admission is bounded by queued tokens; past ``max_queue_tokens`` a request is refused at once
   with :class:`Overloaded` (RESOURCE_EXHAUSTED) instead of growing latency without bound. A request
@@ -205,7 +206,9 @@ class Batcher:
             self._task = None
         for item in self._pending.items():
             self._fail(item.request, Draining("the server stopped before this request was computed"))
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # A batch still running finishes in the background and resolves its requests; one waiting
+        # for the worker is cancelled and its requests fail with Draining (see _finished).
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # --- scheduling (event loop) -------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -224,7 +227,7 @@ class Batcher:
                 continue
             self._in_flight += 1
             future = loop.run_in_executor(self._executor, self._compute, batch)
-            future.add_done_callback(self._finished)
+            future.add_done_callback(functools.partial(self._finished, batch))
 
     async def _wait_to_fill(self) -> None:
         """Wait up to max_batch_wait (from the oldest input's arrival) unless a batch is full."""
@@ -287,9 +290,14 @@ class Batcher:
         if future.cancelled():  # the client went away: free its queue space now
             self._fail(request, None)
 
-    def _finished(self, future: asyncio.Future[_Done]) -> None:
+    def _finished(self, batch: list[_Item], future: asyncio.Future[_Done]) -> None:
         self._slots.release()
         self._in_flight -= 1
+        if future.cancelled():  # close() dropped a batch that was waiting for the worker
+            for item in batch:
+                self._fail(item.request, Draining("the server stopped before this request was computed"))
+            self._check_idle()
+            return
         done = future.result()  # _compute never raises: errors come back in done.error
         for item in done.expired:
             if not item.request.future.done():

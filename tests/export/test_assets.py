@@ -62,3 +62,14 @@ def test_minilm_is_verified_and_tamper_is_caught(tmp_path: Path) -> None:
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     with pytest.raises(SourceError, match="sha256"):
         _verified(copy, {"config.json": "0" * 64}, "pkg")
+
+
+def test_resolve_sources(tmp_path: Path) -> None:
+    from export.source import resolve
+
+    assert resolve("builtin:all-MiniLM-L6-v2", tmp_path).folder == minilm_dir()
+    tiny = resolve("builtin:tiny-gte-qwen2", tmp_path)
+    assert tiny.kind == "builtin" and (tiny.folder / "config.json").is_file()
+    assert resolve(str(tiny.folder), tmp_path).kind == "folder"
+    with pytest.raises(SourceError, match="does not exist"):
+        resolve("./not-here/model", tmp_path)  # a relative path, not a hub id

@@ -141,6 +141,22 @@ async def test_next_batch_is_formed_while_one_runs(fake_runtime: FakeRuntime) ->
     await batcher.close()
 
 
+async def test_close_fails_waiting_work_instead_of_hanging(fake_runtime: FakeRuntime) -> None:
+    fake_runtime.gate = threading.Event()
+    batcher = make(fake_runtime, max_batch_wait_ms=0, max_batch_size=1)
+    running = asyncio.ensure_future(batcher.submit([[5]]))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
+    formed = asyncio.ensure_future(batcher.submit([[6]]))  # formed, waiting for the worker
+    queued = asyncio.ensure_future(batcher.submit([[7]]))  # still in the queue
+    await wait_until(lambda: batcher.queue_depth == 1)
+    await batcher.close()
+    fake_runtime.gate.set()
+    assert (await running).vectors.shape == (1, 16)
+    for pending in (formed, queued):
+        with pytest.raises(errors.Draining):
+            await asyncio.wait_for(pending, 5)
+
+
 async def test_drain_finishes_accepted_work_and_refuses_new(toy_table: np.ndarray) -> None:
     runtime = FakeRuntime(toy_table, delay_s=0.05)
     batcher = make(runtime)
@@ -204,5 +220,7 @@ async def test_forming_from_a_large_queue_is_cheap(fake_runtime: FakeRuntime) ->
     # Sorting the whole queue per batch (the naive way) takes tens of ms here; the index, well under 10.
     assert elapsed < 0.01, f"forming one batch from 20k queued inputs took {elapsed * 1000:.1f} ms"
     print(f"formed a batch from 20k queued inputs in {elapsed * 1000:.2f} ms")
+    for f in futures:
+        f.cancel()
     await batcher.close()
-    await asyncio.gather(*futures, return_exceptions=True)
+    assert batcher.queue_depth == 0

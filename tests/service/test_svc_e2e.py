@@ -99,7 +99,7 @@ def server(minilm_bundle: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+        proc.communicate(timeout=30)  # also closes the pipes
 
 
 def test_documented_grpcurl_commands(server: tuple[int, subprocess.Popen[str]]) -> None:
