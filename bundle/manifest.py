@@ -56,6 +56,18 @@ class GraphSpec(_Strict):
     # Number of queries per attention block when the graph computes attention in query chunks
     # (bounded memory at long lengths); None when attention is computed in one piece.
     attention_query_chunk: int | None = None
+    # Tokens per block when the MLP is computed in sequence blocks; None when in one piece.
+    mlp_chunk: int | None = None
+
+
+class ModelShape(_Strict):
+    """Transformer sizes, so the server can predict a batch's compute and activation memory."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
 
 
 class TokenizerSpec(_Strict):
@@ -114,6 +126,7 @@ class Manifest(_Strict):
     )
     matryoshka: bool = Field(default=False, description="trained for truncated dimensions")
     graph: GraphSpec
+    shape: ModelShape | None = None
     tokenizer: TokenizerSpec
     prompts: PromptSpec
     versions: dict[str, str] = Field(default_factory=dict)

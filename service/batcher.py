@@ -4,7 +4,8 @@ Why this shape (and not TEI's FIFO): a batch costs ``batch × longest`` padded t
 long text in a batch of short ones makes them all pay for it. The scheduler takes the *oldest*
 queued input (so nothing starves) and fills the batch with the inputs nearest to it in length,
 within ``max_batch_tokens`` and ``max_batch_size``, never mixing lengths far apart
-(:func:`may_share_batch`). :func:`batch_cost` is the single cost model. The queue is indexed by
+(:func:`may_share_batch`). :class:`~service.cost.CostModel` is the single cost model (padded
+tokens plus the quadratic attention term, and predicted activation memory). The queue is indexed by
 length (:mod:`service.pending`), so forming a batch does not scan the backlog.
 
 * Admission is bounded by queued tokens; past ``max_queue_tokens`` a request is refused at once
@@ -34,23 +35,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.cost import CostModel, batch_cost
 from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
 from service.pending import PendingQueue
 from service.runtime import IntArray, Runtime
 
+__all__ = ["BatchObserver", "BatchOutput", "Batcher", "batch_cost", "may_share_batch"]
+
 log = logging.getLogger("service.batcher")
 
 PIPELINE_SLOTS = 2  # one batch running + one formed and waiting
-
-
-def batch_cost(batch_size: int, longest: int) -> int:
-    """What a batch costs the runtime, in tokens: padded, so ``batch × longest``.
-
-    The only cost model: the scheduler's budget check and the TensorRT profiles derive from it.
-    (Attention is quadratic in length; a term for very long inputs belongs here.)
-    """
-    return batch_size * longest
 
 
 def may_share_batch(shortest: int, longest: int) -> bool:
@@ -124,6 +119,7 @@ class Batcher:
         runtime: Runtime,
         *,
         max_batch_tokens: int,
+        cost: CostModel | None = None,
         max_batch_size: int,
         max_batch_wait_ms: float,
         max_queue_tokens: int,
@@ -133,6 +129,7 @@ class Batcher:
     ) -> None:
         self._runtime = runtime
         self.max_batch_tokens = max_batch_tokens
+        self._cost = cost or CostModel(max_batch_tokens=max_batch_tokens)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
@@ -260,13 +257,10 @@ class Batcher:
             low, high = min(shortest, length), max(longest, length)
             if len(batch) >= self.max_batch_size:
                 break
-            if not may_share_batch(low, high) or batch_cost(len(batch) + 1, high) > self.max_batch_tokens:
+            if not may_share_batch(low, high) or not self._cost.fits(len(batch) + 1, high):
                 continue  # this length cannot join; a nearer-to-the-middle one still might
             for item in items:
-                if (
-                    len(batch) >= self.max_batch_size
-                    or batch_cost(len(batch) + 1, high) > self.max_batch_tokens
-                ):
+                if len(batch) >= self.max_batch_size or not self._cost.fits(len(batch) + 1, high):
                     break
                 if self._dead(item, now):
                     continue

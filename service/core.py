@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bundle.manifest import MANIFEST_NAME, BundleError, Manifest, file_sha256, load_manifest, verify_files
 from service.batcher import Batcher, BatchObserver
+from service.cost import CostModel
 from service.domain import (
     CoreState,
     EmbedJob,
@@ -90,6 +91,7 @@ class EmbeddingCore:
         self._bundle_sha256 = ""
         self._self_test = SelfTestResult(ran=False, passed=False, message="not run yet")
         self.max_input_tokens = 0
+        self._cost: CostModel | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -130,6 +132,7 @@ class EmbeddingCore:
         self._batcher = Batcher(
             self._runtime,
             max_batch_tokens=self.settings.max_batch_tokens,
+            cost=self._cost,
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_ms=self.settings.max_batch_wait_ms,
             max_queue_tokens=self.settings.max_queue_tokens,
@@ -156,7 +159,26 @@ class EmbeddingCore:
                     limit,
                 )
             limit = min(limit, settings.max_input_tokens)
+        cost = CostModel.from_manifest(
+            manifest,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_memory_bytes=settings.max_batch_memory_bytes,
+        )
+        fitting = cost.max_single_input(limit)
+        if fitting < limit:
+            # Refuse (or truncate, per request) what would not fit in memory rather than be
+            # OOM-killed mid-batch with everyone else's work.
+            log.warning(
+                "inputs are capped at %d tokens: one input of %d would need %.1f GiB of activations "
+                "(max_batch_memory_bytes=%d); raise the budget or export the chunked graph",
+                fitting,
+                limit,
+                cost.memory_bytes(1, limit) / 2**30,
+                settings.max_batch_memory_bytes,
+            )
+            limit = fitting
         self.max_input_tokens = limit
+        self._cost = cost
         tokenizer = TextTokenizer.from_bundle(
             directory, manifest, max_input_tokens=limit, default_truncation=settings.default_truncation
         )

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         default=2.0, ge=0, description="How long the batcher waits to fill a batch once work is queued."
     )
+    max_batch_memory_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1024**2,
+        description="Predicted activation memory of one batch; larger batches split, longer inputs refused.",
+    )
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="Queued tokens beyond which requests get RESOURCE_EXHAUSTED."
     )
