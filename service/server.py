@@ -36,6 +36,7 @@ from service.runtime import StartupError
 from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
+from service.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("service.server")
 
@@ -76,7 +77,8 @@ def build_server(
     """
     limit = settings.max_message_bytes
     server = grpc.aio.server(
-        interceptors=list(interceptors),
+        # The malformed-bytes guard goes first: it must see requests before anyone decodes them.
+        interceptors=[MalformedRequestInterceptor(), *interceptors],
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),

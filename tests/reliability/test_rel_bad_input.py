@@ -212,15 +212,29 @@ def test_grpc_embed_request_fields(server, inputs, token_inputs, input_type, tas
 def test_grpc_malformed_bytes_are_refused_and_server_stays_up(server) -> None:  # type: ignore[no-untyped-def]
     """Invalid UTF-8 in a string field (a lone surrogate encoded as bytes) and corrupt wire data.
 
-    gRPC Python rejects these before the servicer runs; the status is UNKNOWN today (see the bug
-    note in docs/reliability.md: INVALID_ARGUMENT would be right)."""
+    grpcio decodes before the servicer runs; service/wire.py turns the decode failure into
+    INVALID_ARGUMENT (grpcio alone answers UNKNOWN)."""
     _, channel = server
     raw = channel.unary_unary("/embedding.v1.EmbeddingService/Embed")
     good = pb.EmbedRequest(inputs=["abc"]).SerializeToString()
     for body in (good.replace(b"abc", b"a\xffc"), good.replace(b"abc", b"\xed\xa0\x80"), b"\xff\xff\xff\xff"):
         with pytest.raises(grpc.RpcError) as err:
             raw(body, timeout=10)
-        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNKNOWN)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert_up(channel)
+
+
+def test_grpc_malformed_stream_message_is_refused(server) -> None:  # type: ignore[no-untyped-def]
+    """A corrupt message inside EmbedStream ends the stream with INVALID_ARGUMENT after the good ones."""
+    _, channel = server
+    raw = channel.stream_stream("/embedding.v1.EmbeddingService/EmbedStream")
+    good = pb.EmbedRequest(inputs=["abc"]).SerializeToString()
+    replies = []
+    with pytest.raises(grpc.RpcError) as err:
+        for reply in raw(iter([good, b"\xff\xff\xff\xff"]), timeout=30):
+            replies.append(pb.EmbedResponse.FromString(reply))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert len(replies) <= 1
     assert_up(channel)
 
 
