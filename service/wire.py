@@ -56,6 +56,16 @@ def _checked(source: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> A
     return requests()
 
 
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """A streaming behaviour is an async generator, or a coroutine that writes via the context
+    (or only aborts, as the API-key interceptor's refusal does): accept both."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    else:
+        await result
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
     async def intercept_service(
         self,
@@ -70,7 +80,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             inner_ss = handler.stream_stream
 
             async def stream_stream(source: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                async for response in inner_ss(_checked(source, context), context):
+                async for response in _responses(inner_ss(_checked(source, context), context)):
                     yield response
 
             return handler._replace(request_deserializer=decode, stream_stream=stream_stream)
@@ -96,7 +106,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 if request is _MALFORMED:
                     await _refuse(context)
-                async for response in inner_us(request, context):
+                async for response in _responses(inner_us(request, context)):
                     yield response
 
             return handler._replace(request_deserializer=decode, unary_stream=unary_stream)
