@@ -16,6 +16,7 @@ Run one heavy scenario at a time on shared machines; each writes its section as 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import traceback
@@ -45,6 +46,9 @@ def _scenarios() -> dict[str, Runner]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # OpenMP (PyTorch) threads must not spin after a region either, for the same fairness reason as
+    # ORT's allow_spinning=0; this has to be set before torch loads its OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     scenarios = _scenarios()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("scenario", nargs="*", choices=[*scenarios, []], help="default: all")

@@ -159,6 +159,9 @@ def session(path: Path, threads: int = 2, profile: bool = False) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # No spin-waiting after a run: in round-robin timing a spinning ORT pool would steal the cores
+    # from whatever variant (PyTorch) runs next and bias every ratio in ORT's favour.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.enable_profiling = profile
     if profile:
         CACHE.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,7 @@ def run_service_vs_raw(rounds: int, quick: bool) -> Section:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see bench._models.session
         sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         for batch, words in [(8, 60), (32, 60)] if not quick else [(8, 60)]:
             inputs = texts(batch, words, seed=batch)

@@ -42,6 +42,7 @@ async def _grouped(
     import numpy as np
 
     from service.batcher import Batcher
+    from service.settings import Settings
 
     shapes: list[list[int]] = []
 
@@ -60,6 +61,7 @@ async def _grouped(
         max_batch_wait_ms=5.0,
         max_queue_tokens=10**9,
         pad_id=0,
+        max_padding_ratio=Settings.model_fields["max_padding_ratio"].default,
     )
     batcher.start()
     queue = list(lengths)

@@ -8,6 +8,8 @@ vectors → hashes → manifest.json last → atomic rename to ``out``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import tempfile
 import time
@@ -66,12 +68,39 @@ class ExportOptions:
     attention_query_chunk: int | None = None
 
 
+def _memory() -> str:
+    """Current and peak RSS, for the progress log (memory is the 7B export's binding limit)."""
+    import resource
+
+    import psutil
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    info = psutil.Process().memory_full_info()
+    # Anonymous memory is what the step really holds; file-backed pages (mmapped checkpoints,
+    # external data) count in RSS but the kernel can drop them under pressure.
+    anon = (info.rss - getattr(info, "shared", 0)) / 1024**3
+    return f"RSS {info.rss / 1024**3:.2f} GiB (≈{anon:.2f} anonymous), peak {peak:.2f} GiB"
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, inflating the next peak)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
+
+
 @contextmanager
 def _step(name: str) -> Iterator[None]:
     started = time.perf_counter()
     log.info("%s …", name)
     yield
-    log.info("%s done in %.1f s", name, time.perf_counter() - started)
+    gc.collect()  # free what the step dropped (the torch model, exporter graphs) before the next one
+    _trim_heap()
+    log.info("%s done in %.1f s (%s)", name, time.perf_counter() - started, _memory())
 
 
 def _versions() -> dict[str, str]:
@@ -92,8 +121,8 @@ def _reference(ckpt: Checkpoint, options: ExportOptions) -> Reference:
     import torch
 
     choice = options.reference_dtype
-    if choice == "auto":  # float64 doubles memory: fine below ~1 B parameters
-        choice = "float64" if ckpt.num_parameters_estimate < 1_000_000_000 else "float32"
+    if choice == "auto":  # float64 is slow on CPU: worth it only for small models
+        choice = "float64" if ckpt.num_parameters_estimate < 200_000_000 else "float32"
     dtype = torch.float64 if choice == "float64" else torch.float32
     return Reference(ckpt.family.name, ckpt.config, ckpt.weight_files, ckpt.pooling, dtype=dtype)
 

@@ -13,7 +13,7 @@ show the gate can tell the two apart). Float64 by default; float32 for models to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +35,39 @@ class ReferenceOutput:
     max_abs_residual: float  # largest |value| in the residual stream: the fp16 overflow risk
 
 
-def load_weights(
-    files: Sequence[Path], dtype: torch.dtype, strip: Sequence[str] = ()
-) -> dict[str, torch.Tensor]:
-    """All tensors from safetensors ``files`` in ``dtype``, with a leading prefix removed."""
-    from safetensors import safe_open
+class LazyWeights(Mapping[str, torch.Tensor]):
+    """The checkpoint's tensors, read from safetensors on every access and converted to ``dtype``.
 
-    out: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
+    Nothing is cached: the reference walks the layers in order, so at any moment it holds one
+    layer's weights (plus activations), not a second copy of the model — for a 7B that is the
+    difference between ~1 GB and 28 GB next to the ONNX Runtime session being validated.
+    """
+
+    def __init__(self, files: Sequence[Path], dtype: torch.dtype, strip: Sequence[str] = ()) -> None:
+        from safetensors import safe_open
+
+        self.dtype = dtype
+        # safe_open's stub types the context-manager object, not the handle: keep handles as Any.
+        self._handles: list[Any] = [safe_open(str(path), framework="pt") for path in files]
+        self._index: dict[str, tuple[int, str]] = {}
+        for i, handle in enumerate(self._handles):
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 name = next((key[len(p) :] for p in strip if key.startswith(p)), key)
-                out[name] = fh.get_tensor(key).to(dtype)
-    return out
+                self._index[name] = (i, key)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        i, key = self._index[name]
+        tensor: torch.Tensor = self._handles[i].get_tensor(key)
+        return tensor.to(self.dtype)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
 
 
 def _pad_right(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +128,7 @@ def qwen2_encode(
     causal: bool = False,
 ) -> ReferenceOutput:
     """Qwen2 encoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP; bidirectional by default."""
-    dtype = w["embed_tokens.weight"].dtype
+    dtype = w["norm.weight"].dtype
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
     head_dim = int(config.get("head_dim") or hidden // heads)
@@ -174,7 +194,7 @@ def bert_encode(
     causal: bool = False,
 ) -> ReferenceOutput:
     """BERT encoder: absolute positions, post-LayerNorm blocks, GELU MLP; bidirectional."""
-    dtype = w["embeddings.word_embeddings.weight"].dtype
+    dtype = w["embeddings.LayerNorm.weight"].dtype
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     head_dim, eps = hidden // heads, float(config.get("layer_norm_eps", 1e-12))
     ids, valid = _pad_right(seqs)
@@ -223,7 +243,7 @@ class Reference:
     ) -> None:
         self.family, self.config, self.pooling, self.causal = family, config, pooling, causal
         strip = ("model.",) if family == "qwen2" else ("bert.",)
-        self.weights = load_weights(weight_files, dtype, strip)
+        self.weights = LazyWeights(weight_files, dtype, strip)
 
     def encode(self, seqs: Sequence[Sequence[int]]) -> ReferenceOutput:
         fn = qwen2_encode if self.family == "qwen2" else bert_encode

@@ -120,6 +120,7 @@ class Batcher:
         *,
         max_batch_tokens: int,
         cost: CostModel | None = None,
+        max_padding_ratio: float = 1.0,
         max_batch_size: int,
         max_batch_wait_ms: float,
         max_queue_tokens: int,
@@ -130,6 +131,7 @@ class Batcher:
         self._runtime = runtime
         self.max_batch_tokens = max_batch_tokens
         self._cost = cost or CostModel(max_batch_tokens=max_batch_tokens)
+        self.max_padding_ratio = max_padding_ratio
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_batch_wait_ms / 1000.0
         self.max_queue_tokens = max_queue_tokens
@@ -251,23 +253,40 @@ class Batcher:
             return []
         self._pending.remove(oldest)
         batch, shortest, longest = [oldest], oldest.length, oldest.length
+        real = oldest.length
         if not self._batch_invariant:
             return batch
         for length, items in self._pending.by_distance(oldest.length):
             low, high = min(shortest, length), max(longest, length)
             if len(batch) >= self.max_batch_size:
                 break
-            if not may_share_batch(low, high) or not self._cost.fits(len(batch) + 1, high):
+            if not may_share_batch(low, high):
                 continue  # this length cannot join; a nearer-to-the-middle one still might
-            for item in items:
-                if len(batch) >= self.max_batch_size or not self._cost.fits(len(batch) + 1, high):
-                    break
-                if self._dead(item, now):
-                    continue
+            live = [item for item in items if not self._dead(item, now)]
+            take = self._how_many(len(batch), real, high, length, len(live))
+            if take == 0:
+                continue
+            for item in live[:take]:
                 self._pending.remove(item)
                 batch.append(item)
-                shortest, longest = low, high
+            shortest, longest, real = low, high, real + take * length
         return batch
+
+    def _how_many(self, size: int, real: int, longest: int, length: int, available: int) -> int:
+        """How many inputs of ``length`` may join a batch of ``size`` inputs / ``real`` tokens.
+
+        Bounded by the batch size, the cost model and the padding cap. Adding inputs of the
+        batch's longest length *lowers* the padded fraction, so the largest count that passes is
+        searched for rather than stopping at the first input that does not.
+        """
+        take = min(available, self.max_batch_size - size)
+        while take > 0:
+            padded = batch_cost(size + take, longest)
+            wasted = padded - real - take * length
+            if self._cost.fits(size + take, longest) and wasted <= self.max_padding_ratio * padded:
+                return take
+            take -= 1
+        return 0
 
     def _dead(self, item: _Item, now: float) -> bool:
         """Drop a queued input whose request was cancelled, failed or ran out of time."""

@@ -133,6 +133,7 @@ class EmbeddingCore:
             self._runtime,
             max_batch_tokens=self.settings.max_batch_tokens,
             cost=self._cost,
+            max_padding_ratio=self.settings.max_padding_ratio,
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_ms=self.settings.max_batch_wait_ms,
             max_queue_tokens=self.settings.max_queue_tokens,

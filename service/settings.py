@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         default=2.0, ge=0, description="How long the batcher waits to fill a batch once work is queued."
     )
+    max_padding_ratio: float = Field(
+        default=0.15,
+        ge=0,
+        le=1,
+        description="Max share of padding in a batch; inputs of other lengths wait for company instead.",
+    )
     max_batch_memory_bytes: int = Field(
         default=8 * 1024**3,
         ge=1024**2,

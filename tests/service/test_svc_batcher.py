@@ -224,3 +224,16 @@ async def test_forming_from_a_large_queue_is_cheap(fake_runtime: FakeRuntime) ->
         f.cancel()
     await batcher.close()
     assert batcher.queue_depth == 0
+
+
+async def test_padding_cap_bounds_every_batch(fake_runtime: FakeRuntime) -> None:
+    """A mixed workload: no runtime call pays more than max_padding_ratio of padding."""
+    batcher = make(fake_runtime, max_batch_tokens=4096, max_batch_size=32, max_batch_wait_ms=30)
+    batcher.max_padding_ratio = 0.15
+    lengths = [3 + (i * 7) % 29 for i in range(60)]  # 3..31 tokens, interleaved
+    await asyncio.gather(*(batcher.submit(seqs(n, 1, first=n)) for n in lengths))
+    await batcher.close()
+    assert sorted(x for call in fake_runtime.lengths for x in call) == sorted(lengths)
+    assert len(fake_runtime.calls) < len(lengths)  # it still batches
+    for (batch, padded), real in zip(fake_runtime.calls, fake_runtime.lengths, strict=True):
+        assert batch * padded - sum(real) <= 0.15 * batch * padded, (batch, padded, real)
