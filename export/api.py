@@ -25,6 +25,7 @@ from bundle.manifest import (
     GoldenVector,
     GraphSpec,
     Manifest,
+    ModelShape,
     Pooling,
     Precision,
     TokenizerSpec,
@@ -101,6 +102,18 @@ def _step(name: str) -> Iterator[None]:
     gc.collect()  # free what the step dropped (the torch model, exporter graphs) before the next one
     _trim_heap()
     log.info("%s done in %.1f s (%s)", name, time.perf_counter() - started, _memory())
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """Sizes the server's cost model needs (compute and activation memory per batch)."""
+    heads = int(config["num_attention_heads"])
+    return ModelShape(
+        hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        intermediate_size=int(config["intermediate_size"]),
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -229,7 +242,9 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
                     external_data=artifact.external_data,
                     opset=opset,
                     attention_query_chunk=artifact.attention_query_chunk,
+                    mlp_chunk=artifact.mlp_chunk,
                 ),
+                shape=model_shape(ckpt.config),
                 tokenizer=TokenizerSpec(
                     prefix_ids=ckpt.prefix_ids,
                     suffix_ids=ckpt.suffix_ids,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if args.quiet else logging.INFO)
     logger.propagate = False
+    # SIGTERM (a CI timeout, a job being stopped) becomes SystemExit, so the staging folder's
+    # cleanup runs instead of leaving a hidden .partial-* folder behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     quiet_libraries()
     from export.api import export_bundle
 

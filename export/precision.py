@@ -43,6 +43,7 @@ class Artifact:
     batch_invariant: bool = True
     checks: dict[str, float | int | str | bool] = field(default_factory=dict)
     attention_query_chunk: int | None = None  # set when the graph computes attention in query blocks
+    mlp_chunk: int | None = None  # set when the graph computes the MLP in sequence blocks
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -130,17 +131,18 @@ def produce(
         checks: dict[str, float | int | str | bool] = {"fp16_mode": options.fp16_mode}
         checks.update(fp16_probe(embedder) if fp16_probe is not None else {})
         files = export_onnx(embedder, stage / name, **export_kw)
-        chunk = _graph_passes(stage / name, ckpt, options)
-        return Artifact(files, checks=checks, attention_query_chunk=chunk)
+        chunk, mlp = _graph_passes(stage / name, ckpt, options)
+        return Artifact(files, checks=checks, attention_query_chunk=chunk, mlp_chunk=mlp)
     embedder = build_embedder(ckpt, **hooks)
     if precision == "fp32":
         files = export_onnx(embedder, stage / name, **export_kw)
-        return Artifact(files, attention_query_chunk=_graph_passes(stage / name, ckpt, options))
+        chunk, mlp = _graph_passes(stage / name, ckpt, options)
+        return Artifact(files, attention_query_chunk=chunk, mlp_chunk=mlp)
     work = stage / "_fp32"
     work.mkdir()
     try:
         export_onnx(embedder, work / name, **export_kw)
-        chunk = _graph_passes(work / name, ckpt, options, quantize_next=True)
+        chunk, mlp = _graph_passes(work / name, ckpt, options, quantize_next=True)
         del embedder  # the quantiser needs the memory more than we need the torch model
         calibration = (
             quantize.calibration_batches(ckpt, options.validation_max_length)
@@ -157,13 +159,14 @@ def produce(
         batch_invariant=result.batch_invariant,
         checks=result.checks,
         attention_query_chunk=chunk,
+        mlp_chunk=mlp,
     )
 
 
 def _graph_passes(
     path: Path, ckpt: Checkpoint, options: ExportOptions, quantize_next: bool = False
-) -> int | None:
-    """Apply the export/passes graph variant in place; returns the attention query chunk (or None)."""
+) -> tuple[int | None, int | None]:
+    """Apply the export/passes graph variant in place; returns the attention and MLP chunk sizes."""
     from export.passes import apply_for_export, resolve_variant
 
     report = apply_for_export(
@@ -174,4 +177,4 @@ def _graph_passes(
         query_chunk=options.attention_query_chunk,
         quantize_next=quantize_next,
     )
-    return report.attention_query_chunk
+    return report.attention_query_chunk, report.mlp_chunk

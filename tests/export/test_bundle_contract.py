@@ -135,3 +135,20 @@ def test_minilm_matches_sentence_transformers(minilm_bundle: Path) -> None:
     assert np.abs(emb - peer).max() < 1e-5
     emb_left, _ = runner.run([runner.ids(t) for t in texts], "left")
     assert np.abs(emb_left - peer).max() < 1e-5
+
+
+def test_manifest_records_shape_and_chunks_for_the_cost_model(
+    tiny_qwen2_checkpoint: Path, tiny_qwen2_bundle: Path
+) -> None:
+    """The server sizes batches from these (service/cost.py); they must match the checkpoint."""
+    config = load_checkpoint(tiny_qwen2_checkpoint).config
+    manifest = load_manifest(tiny_qwen2_bundle)
+    assert manifest.shape is not None
+    assert manifest.shape.hidden_size == config["hidden_size"] == manifest.dim
+    assert manifest.shape.num_layers == config["num_hidden_layers"]
+    assert manifest.shape.num_heads == config["num_attention_heads"]
+    assert manifest.shape.num_kv_heads == config["num_key_value_heads"]
+    assert manifest.shape.intermediate_size == config["intermediate_size"]
+    # the default qwen2 graph computes attention and the MLP in blocks (bounded memory at 32k)
+    assert manifest.graph.attention_query_chunk is not None
+    assert manifest.graph.mlp_chunk is not None
