@@ -28,8 +28,13 @@ from export.checkpoint import Checkpoint
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """Pool ``hidden`` [B, S, H] over the real tokens of ``mask`` [B, S] into [B, H]."""
     if pooling == "mean":
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-9)
+        # A batched MatMul [B,1,S]·[B,S,H], not Mul + ReduceSum: ONNX Runtime's ReduceSum over the
+        # sequence axis sums in a different order for different batch shapes (a text's vector
+        # moved by ~1e-7 with its neighbours), while each MatMul row is computed the same way
+        # whatever the batch — bit-identical alone, batched and padded.
+        weights = mask.to(hidden.dtype).unsqueeze(1)
+        summed = torch.matmul(weights, hidden).squeeze(1)
+        return summed / weights.sum(dim=2).clamp_min(1e-9)
     positions = torch.arange(mask.shape[1], device=mask.device, dtype=mask.dtype).unsqueeze(0)
     # "cls" takes the first real token, wherever padding put it
     index = (mask * positions).argmax(dim=1) if pooling == "last_token" else mask.argmax(dim=1)
