@@ -63,6 +63,21 @@ class _HealthBridge:
             await self._health.set(service, status)
 
 
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    limit = settings.max_message_bytes
+    options = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s is not None:
+        # HTTP/2 connections live for hours and pin a client to the pods that existed when it
+        # connected; a GOAWAY after this age makes clients re-resolve and reach new replicas.
+        age_ms = int(settings.max_connection_age_s * 1000)
+        options += [("grpc.max_connection_age_ms", age_ms), ("grpc.max_connection_age_grace_ms", age_ms)]
+    return options
+
+
 def build_server(
     settings: Settings,
     core: EmbeddingCore,
@@ -79,11 +94,7 @@ def build_server(
     server = grpc.aio.server(
         # The malformed-bytes guard goes first: it must see requests before anyone decodes them.
         interceptors=[MalformedRequestInterceptor(), *interceptors],
-        options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=_server_options(settings),
     )
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
     health = health_aio.HealthServicer()

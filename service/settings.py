@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         ge=64 * 1024,
         description="Max gRPC message size both ways; stream responses are split to stay under it.",
     )
+    max_connection_age_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Close gRPC connections after this age so round_robin clients rebalance onto new pods.",
+    )
     grace_period_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM: NOT_SERVING at once, finish accepted work within this."
     )
