@@ -50,7 +50,8 @@ class _Reader:
     """ORT CalibrationDataReader over fixed (ids, mask) batches."""
 
     def __init__(self, batches: Iterable[Batch]) -> None:
-        self._it: Iterator[Batch] = iter(batches)
+        self._batches = list(batches)
+        self._it: Iterator[Batch] = iter(self._batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         item = next(self._it, None)
@@ -59,8 +60,9 @@ class _Reader:
         ids, mask = item
         return {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
 
-    def rewind(self) -> None:  # pragma: no cover - only used by some calibrators
-        raise NotImplementedError
+    def rewind(self) -> None:
+        """Some calibrators (entropy, percentile) read the data more than once."""
+        self._it = iter(self._batches)
 
 
 def quantize_static_qdq(src: Path, dst: Path, calibration: Iterable[Batch]) -> Counter[str]:

@@ -68,3 +68,20 @@ def test_per_token_int8_is_exactly_invariant_inside_a_padded_batch(base: Path, t
         batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
         assert np.abs(batched - alone).max() <= 1e-6
         assert (batched * _vectors(base, ids, mask)).sum(-1).min() >= 0.999
+
+
+def test_calibration_reader_rewinds() -> None:
+    """Calibrators that read the data twice (entropy, percentile) get the same batches again."""
+    import numpy as np
+
+    from export.passes.int8 import _Reader
+
+    batches = [(np.ones((1, 3)), np.ones((1, 3))), (np.zeros((2, 4)), np.ones((2, 4)))]
+    reader = _Reader(batches)
+    first = [reader.get_next() for _ in range(3)]
+    reader.rewind()
+    second = [reader.get_next() for _ in range(3)]
+    assert first[2] is None and second[2] is None
+    for a, b in zip(first[:2], second[:2], strict=True):
+        assert a is not None and b is not None
+        assert a["input_ids"].shape == b["input_ids"].shape and a["input_ids"].dtype == np.int64
