@@ -21,9 +21,12 @@ from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
 GRACE_S = 20.0
-# Accepted work ends OK; refused work says why. Anything else (CANCELLED, INTERNAL, a reset
-# connection, a hang) would be a request lost in the shutdown.
-ALLOWED = {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE_DRAINING", "UNAVAILABLE_CONNECT"}
+# Accepted work ends OK; refused work says why. Anything else (INTERNAL, a reset connection, a
+# hang) would be a request lost in the shutdown. CANCELLED is allowed only for a call that raced
+# the final server.stop() in the transport, after the core had drained (so it was never accepted):
+# the test proves the drain finished (no "grace period over" in the server log).
+ALLOWED = {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE_DRAINING", "UNAVAILABLE_CONNECT", "CANCELLED"}
+RACE_LIMIT = 5  # calls that may race the transport's close
 
 
 class HealthWatch(threading.Thread):
@@ -99,6 +102,10 @@ def test_sigterm_under_load(tiny_qwen2_bundle: Path, tmp_path: Path) -> None:
     assert watch.first_not_serving is not None, "health never answered NOT_SERVING before the exit"
     assert sent[0] <= watch.first_not_serving < exited
     assert set(result.counts) <= ALLOWED, summary
+    log = (tmp_path / "stderr.log").read_text(errors="replace")
+    # logged at warning level (the server here runs at warning) when the drain did not finish
+    assert "grace period over" not in log, f"accepted work was cut short: {summary}"
+    assert result.counts.get("CANCELLED", 0) <= RACE_LIMIT, summary
     assert result.counts.get("OK", 0) > 0
     refused = result.counts.get("UNAVAILABLE_DRAINING", 0) + result.counts.get("UNAVAILABLE_CONNECT", 0)
     assert refused > 0, f"no call after SIGTERM was refused: {summary}"
