@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bundle.manifest import Pooling
+from export.errors import UnsupportedArchitecture
 
 Weights = Mapping[str, torch.Tensor]
 
@@ -135,7 +136,10 @@ def qwen2_encode(
     eps = float(config.get("rms_norm_eps", 1e-6))
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default":
-        raise NotImplementedError(f"reference supports default RoPE only, not {rope.get('rope_type')!r}")
+        # An ExportError, so the CLI reports it (exit code) instead of a traceback.
+        raise UnsupportedArchitecture(
+            f"the reference supports default RoPE only, not {rope.get('rope_type')!r}"
+        )
     theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
     ids, valid = _pad_right(seqs)
@@ -182,7 +186,7 @@ def _gelu(x: torch.Tensor, kind: str) -> torch.Tensor:
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if kind in ("gelu_new", "gelu_pytorch_tanh"):
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-    raise NotImplementedError(f"reference has no activation {kind!r}")
+    raise UnsupportedArchitecture(f"the reference has no activation {kind!r}")
 
 
 def bert_encode(

@@ -51,3 +51,16 @@ def test_bert_reference_matches_sentence_transformers() -> None:
     seqs = [st.tokenizer(t)["input_ids"] for t in texts]
     ours = Reference("bert", ckpt.config, ckpt.weight_files, "mean").encode(seqs).embeddings
     assert np.abs(ours - peer).max() < 1e-5
+
+
+def test_unsupported_reference_features_are_export_errors() -> None:
+    """They must reach the CLI's error mapping (clear message, exit code), not a traceback."""
+    import pytest
+    import torch
+
+    from export.errors import UnsupportedArchitecture
+    from export.reference import qwen2_encode
+
+    config = {"hidden_size": 8, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn"}}
+    with pytest.raises(UnsupportedArchitecture, match="yarn"):
+        qwen2_encode({"norm.weight": torch.ones(8)}, config, [[1, 2]])
