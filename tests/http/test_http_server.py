@@ -322,7 +322,13 @@ async def test_metrics_move_with_requests(stack: Stack, http: aiohttp.ClientSess
     async with stack.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError):
             await stack.stub(channel).Embed(pb.EmbedRequest(inputs=["a"]))
-    after = await _scrape(http)
+    # The server records a refused call after the client already has its status: poll briefly.
+    for _ in range(50):
+        after = await _scrape(http)
+        key = {"api": "grpc", "method": "Embed", "code": "UNAUTHENTICATED"}
+        if _get(after, "embed_requests_total", **key) > _get(before, "embed_requests_total", **key):
+            break
+        await asyncio.sleep(0.05)
 
     def moved(name: str, **labels: str) -> float:
         return _get(after, name, **labels) - _get(before, name, **labels)

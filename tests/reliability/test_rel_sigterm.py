@@ -26,6 +26,8 @@ GRACE_S = 20.0
 # the final server.stop() in the transport, after the core had drained (so it was never accepted):
 # the test proves the drain finished (no "grace period over" in the server log).
 ALLOWED = {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE_DRAINING", "UNAVAILABLE_CONNECT", "CANCELLED"}
+# The HTTP twin of that race: a connection accepted as the HTTP server closes.
+HTTP_RACE = "HTTP_ERROR ServerDisconnectedError: Server disconnected"
 RACE_LIMIT = 5  # calls that may race the transport's close
 
 
@@ -101,11 +103,11 @@ def test_sigterm_under_load(tiny_qwen2_bundle: Path, tmp_path: Path) -> None:
     assert exited - sent[0] < GRACE_S, summary
     assert watch.first_not_serving is not None, "health never answered NOT_SERVING before the exit"
     assert sent[0] <= watch.first_not_serving < exited
-    assert set(result.counts) <= ALLOWED, summary
+    assert set(result.counts) <= ALLOWED | {HTTP_RACE}, summary
     log = (tmp_path / "stderr.log").read_text(errors="replace")
     # logged at warning level (the server here runs at warning) when the drain did not finish
     assert "grace period over" not in log, f"accepted work was cut short: {summary}"
-    assert result.counts.get("CANCELLED", 0) <= RACE_LIMIT, summary
+    assert result.counts.get("CANCELLED", 0) + result.counts.get(HTTP_RACE, 0) <= RACE_LIMIT, summary
     assert result.counts.get("OK", 0) > 0
     refused = result.counts.get("UNAVAILABLE_DRAINING", 0) + result.counts.get("UNAVAILABLE_CONNECT", 0)
     assert refused > 0, f"no call after SIGTERM was refused: {summary}"
