@@ -5,8 +5,9 @@ PY := .venv/bin/python
 install:
 	scripts/bootstrap.sh
 
+# Flags for embed-serve go in ARGS: make serve ARGS="--http-port 8080"
 serve:
-	scripts/serve-default.sh
+	scripts/serve-default.sh $(ARGS)
 
 proto: install
 	$(PY) -m scripts.gen_proto
@@ -15,12 +16,12 @@ proto-check: install
 	$(PY) -m scripts.gen_proto --check
 
 fmt: install
-	.venv/bin/ruff format bundle export service tests bench scripts
-	.venv/bin/ruff check --fix bundle export service tests bench scripts
+	.venv/bin/ruff format bundle export service client tests bench scripts
+	.venv/bin/ruff check --fix bundle export service client tests bench scripts
 
 lint: install
-	.venv/bin/ruff format --check bundle export service tests bench scripts
-	.venv/bin/ruff check bundle export service tests bench scripts
+	.venv/bin/ruff format --check bundle export service client tests bench scripts
+	.venv/bin/ruff check bundle export service client tests bench scripts
 
 typecheck: install
 	.venv/bin/mypy

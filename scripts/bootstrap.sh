@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-cpu,export,assets,dev}"
 python="${PYTHON:-python3}"
-stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.installed-$(echo "$extras" | tr ',' '-')-$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -14,4 +14,8 @@ if [[ "$extras" == *export* ]]; then
   .venv/bin/pip install -q torch==2.13.0
 fi
 .venv/bin/pip install -q -e ".[${extras}]"
+if [[ "$extras" == *dev* ]]; then
+  # The client distribution (client/) with its CLI and tracing extras: its tests run in `make test`.
+  .venv/bin/pip install -q -e "./client[bulk,otel]"
+fi
 touch "$stamp"
