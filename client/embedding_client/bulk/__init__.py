@@ -1,0 +1,1 @@
+"""``embed-bulk``: embed a JSONL or Parquet corpus into a resumable Parquet dataset (extra ``bulk``)."""
