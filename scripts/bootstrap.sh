@@ -17,5 +17,7 @@ fi
 if [[ "$extras" == *dev* ]]; then
   # The client distribution (client/) with its CLI and tracing extras: its tests run in `make test`.
   .venv/bin/pip install -q -e "./client[bulk,otel]"
+elif [[ "$extras" == *talk* ]]; then
+  .venv/bin/pip install -q -e "./client"
 fi
 touch "$stamp"
