@@ -124,6 +124,7 @@ async def _main(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGINT, stop.set)
         finished = False
+        started = time.monotonic()
         try:
             finished = await runner.run(source.rows(skip=start), stop, bar.update)
         finally:
@@ -131,7 +132,10 @@ async def _main(args: argparse.Namespace) -> int:
             bar.close()
             sink.close(finished)
     p = sink.progress
-    where = f"{p.vectors} vectors, {p.errors} refused rows ({args.out / '_errors.jsonl'})"
+    elapsed = max(time.monotonic() - started, 1e-9)
+    done = p.rows_done - start
+    rate = f"this run: {done} rows in {elapsed:.1f} s ({done / elapsed:.1f} rows/s)"
+    where = f"{p.vectors} vectors, {p.errors} refused rows ({args.out / '_errors.jsonl'}); {rate}"
     if not finished:
         print(f"embed-bulk: interrupted after {p.rows_done} input rows ({where}); "
               "rerun with --resume to continue", file=sys.stderr)  # fmt: skip
