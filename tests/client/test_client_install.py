@@ -62,3 +62,9 @@ def test_client_installs_alone_and_embeds(live: Live, tmp_path: Path) -> None:
     out = json.loads(run.stdout)
     assert out["present"] == [] and out["dtype"] == "float32" and out["health"] == "SERVING"
     np.testing.assert_allclose(np.array(out["vectors"]), toy_truth(["w1 w2 w3", "w4"]), atol=1e-5)
+    # The CLI is installed but needs the `bulk` extra: it says so instead of a traceback.
+    bulk = subprocess.run(
+        [str(venv / "bin" / "embed-bulk"), "in.jsonl", "--out", "out"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert bulk.returncode == 2 and "embedding-client[bulk]" in bulk.stderr, bulk.stderr

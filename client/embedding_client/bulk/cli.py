@@ -144,8 +144,21 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_extra() -> str | None:
+    for module in ("pyarrow", "tqdm"):
+        try:
+            __import__(module)
+        except ImportError:
+            return module
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    missing = _missing_extra()
+    if missing:
+        print(f"embed-bulk needs {missing}: pip install 'embedding-client[bulk]'", file=sys.stderr)
+        return EXIT_USAGE
     if args.batch_size < 1 or args.concurrency < 1 or args.rows_per_part < 1:
         print("embed-bulk: --batch-size, --concurrency and --rows-per-part must be ≥ 1", file=sys.stderr)
         return EXIT_USAGE
