@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -121,3 +122,39 @@ def test_retry_policy_is_bounded() -> None:
         RetryPolicy(max_attempts=6)
     with pytest.raises(TypeError):
         EmbeddingClient("127.0.0.1:1").embed("one string, not a list")
+
+
+def test_one_client_shared_by_threads(live: Live) -> None:
+    with EmbeddingClient(live.grpc_target) as client, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: client.embed(MIXED[i : i + 5]), range(40)))
+    truth = toy_truth(MIXED)
+    for i, vectors in enumerate(results):
+        np.testing.assert_allclose(vectors, truth[i : i + 5], atol=1e-5)
+
+
+def test_stopping_a_stream_early_cancels_it_and_the_client_stays_usable(live: Live) -> None:
+    def endless() -> Iterator[str]:
+        i = 0
+        while True:
+            yield MIXED[i % len(MIXED)]
+            i += 1
+
+    with EmbeddingClient(live.grpc_target) as client:
+        stream = client.embed_stream(endless(), batch_size=4, max_in_flight=2)
+        first = next(stream)
+        stream.close()
+        np.testing.assert_allclose(first, toy_truth(MIXED[:4]), atol=1e-5)
+        np.testing.assert_allclose(client.embed(MIXED[:3]), toy_truth(MIXED[:3]), atol=1e-5)
+
+
+def test_async_stream_reads_an_async_iterable(live: Live) -> None:
+    async def source() -> AsyncIterator[str]:
+        for text in MIXED:
+            await asyncio.sleep(0)
+            yield text
+
+    async def main() -> np.ndarray:
+        async with AsyncEmbeddingClient(live.grpc_target) as client:
+            return np.concatenate([v async for v in client.embed_stream(source(), batch_size=10)])
+
+    np.testing.assert_allclose(asyncio.run(main()), toy_truth(MIXED), atol=1e-5)
