@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,12 +110,26 @@ def test_async_client_same_results(live: Live) -> None:
 
 def test_round_robin_spreads_calls_over_two_servers(client_bundle: Path) -> None:
     with ThreadedServer(client_bundle) as one, ThreadedServer(client_bundle) as two:
+        servers = (one, two)
+
+        def counts(total: int) -> list[int]:  # polled: a call is counted just after its reply
+            deadline = time.monotonic() + 60
+            while True:
+                now = [request_counts(s.http_url).get("OK", 0) for s in servers]
+                if sum(now) >= total or time.monotonic() > deadline:
+                    return now
+                time.sleep(0.02)
+
         target = f"ipv4:127.0.0.1:{one.grpc_port},127.0.0.1:{two.grpc_port}"
         with EmbeddingClient(target) as client:
+            for i in range(10):  # warm-up: both connections up before counting
+                client.embed([words(3, start=i)])
+            before = counts(10)
             for i in range(40):
                 client.embed([words(3, start=i)])
-        counts = [wait_count(s.http_url, "OK", 10) for s in (one, two)]
-    assert all(10 <= n <= 30 for n in counts), counts
+            after = counts(50)
+    spread = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(spread) == 40 and all(12 <= n <= 28 for n in spread), spread
 
 
 def test_retry_policy_is_bounded() -> None:
