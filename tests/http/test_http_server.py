@@ -48,6 +48,7 @@ async def stack(tiny_qwen2_bundle: Path, keys_file: Path) -> AsyncIterator[Stack
         max_queue_tokens=512,
         max_batch_tokens=1024,
         max_batch_size=8,
+        http_allow_token_ids=True,  # off by default (test_http_edges); on here to compare with gRPC
     )
     s = await start_stack(settings)
     yield s
@@ -179,6 +180,29 @@ async def test_error_codes(
 ) -> None:
     got, payload = await _post(http, body)
     assert (got, payload["error"]["code"], payload["error"]["param"]) == (status, code, param), payload
+
+
+async def test_input_too_long_names_the_http_truncation_values(http: aiohttp.ClientSession) -> None:
+    status, payload = await _post(http, {"input": "word " * (4 * MAX_TOKENS), "truncation": "none"})
+    message = payload["error"]["message"]
+    assert status == 413 and '"truncation": "end" or "start"' in message, message
+    assert "END" not in message and "START" not in message
+
+
+async def test_request_timeout_header_becomes_the_deadline(http: aiohttp.ClientSession) -> None:
+    """An expired deadline is a 504 and nothing is computed; a bad header value is a 400."""
+    expired = {**HTTP_AUTH, "X-Request-Timeout": "0.000001"}
+    status, payload = await _post(http, {"input": ["a", "b"]}, expired)
+    assert (status, payload["error"]["code"], payload["error"]["type"]) == (
+        504,
+        "deadline_exceeded",
+        "timeout",
+    )
+    status, _ = await _post(http, {"input": ["a"]}, {**HTTP_AUTH, "X-Request-Timeout": "30"})
+    assert status == 200
+    for bad in ("0", "-1", "soon", "nan", "inf", "1e9"):
+        status, payload = await _post(http, {"input": ["a"]}, {**HTTP_AUTH, "X-Request-Timeout": bad})
+        assert (status, payload["error"]["code"]) == (400, "invalid_input"), bad
 
 
 async def test_truncation_end_and_start_accept_long_inputs(http: aiohttp.ClientSession) -> None:
