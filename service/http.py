@@ -27,6 +27,7 @@ from service.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from service.domain import EmbedJob, EmbedResult, ModelInfo
 from service.errors import InvalidInput, Unauthenticated, describe
 from service.http_body import BodyRefused, read_json
+from service.http_logs import quiet_parser_refusals
 from service.http_schema import (
     embeddings_response,
     error_body,
@@ -356,6 +357,7 @@ class HttpServer:
             # the body timeout (aiohttp's default is a fixed 10 s).
             lingering_time=self._options.body_timeout_s,
         )
+        quiet_parser_refusals()
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)

@@ -222,3 +222,38 @@ async def test_body_that_never_ends_gets_408_and_is_closed(raw: Raw, chunked: bo
     assert headers["connection"].lower() == "close"
     assert raw.core.jobs == [] and _requests(raw.metrics, "408") == 1
     writer.close()
+
+
+# --- what aiohttp's parser refuses -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/../x http/1.1\r\nHost: x\r\n\r\n",  # bad version
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\x01\r\n\r\n",
+        b"PUT /\xc6{\xda HTTP/1.1\r\nHost: x\r\n\r\n",  # bytes not allowed in a path
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+async def test_parser_refusals_are_a_400_and_a_debug_line_without_the_bytes(
+    raw: Raw, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the fuzzer: aiohttp logged each at error level, quoting the client's bytes."""
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await raw.open()
+    writer.write(request_bytes)
+    data = await _closed_within(reader, CLOSE_WITHIN_S)
+    assert data.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 ")), data[:100]
+    writer.close()
+    server_records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert server_records and all(r.levelno == logging.DEBUG for r in server_records)
+    assert KEY not in caplog.text and "\\xc6" not in caplog.text and "http/1.1" not in caplog.text
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    reader, writer = await raw.open()
+    writer.write(request_bytes)
+    await _closed_within(reader, CLOSE_WITHIN_S)
+    writer.close()
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"]
