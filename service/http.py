@@ -25,8 +25,8 @@ from aiohttp import web
 
 from service.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from service.domain import EmbedJob, EmbedResult, ModelInfo
-from service.errors import InvalidInput, Unauthenticated, describe
-from service.http_body import BodyRefused, read_json
+from service.errors import Unauthenticated, describe
+from service.http_body import BodyRefused, read_json, request_deadline
 from service.http_logs import quiet_parser_refusals
 from service.http_schema import (
     embeddings_response,
@@ -42,10 +42,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 REQUEST_ID_HEADER = "X-Request-Id"
-# Seconds the client gives the server (like gRPC's deadline): work still queued when it passes is
-# dropped, never computed, and the answer is 504.
-TIMEOUT_HEADER = "X-Request-Timeout"
-_MAX_TIMEOUT_S = 24 * 3600.0
+_MAX_LINGER_S = 10.0
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
 # limit is a multiple of the gRPC message limit rather than equal to it.
@@ -220,20 +217,6 @@ def _finish(request: web.Request, route: str, status: int, started: float) -> No
     )
 
 
-def _deadline(request: web.Request) -> float | None:
-    """``X-Request-Timeout: <seconds>`` as a ``time.monotonic()`` instant, counted from arrival."""
-    values = request.headers.getall(TIMEOUT_HEADER, [])
-    if not values:
-        return None
-    try:
-        seconds = float(values[0]) if len(values) == 1 else -1.0
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds <= _MAX_TIMEOUT_S:  # also refuses nan and inf
-        raise InvalidInput(f"{TIMEOUT_HEADER} must be one number of seconds in (0, {_MAX_TIMEOUT_S:g}]")
-    return request[SEEN_KEY].arrived + seconds
-
-
 def _check_model(asked: str | None, info: ModelInfo) -> web.Response | None:
     if asked is None or asked in (info.model, info.model_id):
         return None
@@ -250,7 +233,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE_KEY]
     seen = request[SEEN_KEY]
     config = request.app[CONFIG_KEY]
-    deadline = _deadline(request)
+    deadline = request_deadline(request, seen.arrived)
     body = await read_json(request, config.max_body_bytes, config.options.body_timeout_s)
     parsed = parse_embeddings_request(
         body, seen.request_id, deadline, allow_token_ids=config.options.allow_token_ids
@@ -353,9 +336,9 @@ class HttpServer:
             auto_decompress=False,
             keepalive_timeout=self._options.keepalive_timeout_s,
             # After an answer sent before the body was read (401, 408, 413, 415), aiohttp drains
-            # the rest so the client can read it; a client that stalls gets no more time than
-            # the body timeout (aiohttp's default is a fixed 10 s).
-            lingering_time=self._options.body_timeout_s,
+            # the rest so the client can read it: no longer than the body timeout, nor than
+            # aiohttp's own 10 s, so a stalled or unauthenticated upload cannot hold a connection.
+            lingering_time=min(self._options.body_timeout_s, _MAX_LINGER_S),
         )
         quiet_parser_refusals()
         await runner.setup()

@@ -1,4 +1,5 @@
-"""Reading an HTTP request body into JSON, with every way it can be malformed answered as a 4xx.
+"""Reading an HTTP request: its body into JSON (every way it can be malformed answered as a
+4xx) and its deadline header.
 
 Why aiohttp's own decompression is off (``auto_decompress=False`` in ``service.http``): it
 answers an undecodable body with an exception the app sees as a bug (500), refuses ``br`` and
@@ -32,6 +33,10 @@ MAX_JSON_DEPTH = 32
 _OFFLOAD_BYTES = 1 << 20
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _SCAN_CHUNK = 1 << 20
+# Seconds the client gives the server (like gRPC's deadline): work still queued when it passes is
+# dropped, never computed, and the answer is 504.
+TIMEOUT_HEADER = "X-Request-Timeout"
+_MAX_TIMEOUT_S = 24 * 3600.0
 
 
 class BodyRefused(Exception):
@@ -152,3 +157,21 @@ async def read_json(request: web.Request, limit: int, timeout_s: float) -> objec
     if codings or len(raw) > _OFFLOAD_BYTES:
         return await asyncio.to_thread(decode_json, raw, codings, limit)
     return decode_json(raw, codings, limit)
+
+
+def request_deadline(request: web.Request, arrived: float) -> float | None:
+    """``X-Request-Timeout: <seconds>`` as a ``time.monotonic()`` instant counted from ``arrived``.
+
+    Raises:
+        InvalidInput: not one number of seconds in (0, one day].
+    """
+    values = request.headers.getall(TIMEOUT_HEADER, [])
+    if not values:
+        return None
+    try:
+        seconds = float(values[0]) if len(values) == 1 else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= _MAX_TIMEOUT_S:  # also refuses nan and inf
+        raise InvalidInput(f"{TIMEOUT_HEADER} must be one number of seconds in (0, {_MAX_TIMEOUT_S:g}]")
+    return arrived + seconds

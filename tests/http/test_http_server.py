@@ -398,7 +398,15 @@ async def test_access_logs_have_fields_and_never_a_key(
             await stack.stub(channel).Embed(
                 pb.EmbedRequest(inputs=["a"]), metadata=(("authorization", f"Bearer {KEY}!"),)
             )
-    access = {r.request_id: r for r in caplog.records if r.name == "service.access"}  # type: ignore[attr-defined]
+    # gRPC writes its access line as the call ends, which may be just after the client has its
+    # reply: wait for the lines (under load that gap is visible) instead of racing them.
+    access: dict[str, logging.LogRecord] = {}
+    for _ in range(300):
+        access = {r.request_id: r for r in caplog.records if r.name == "service.access"}  # type: ignore[attr-defined]
+        statuses = {r.status for r in access.values()}  # type: ignore[attr-defined]
+        if {"req-42", "grpc-7"} <= set(access) and {"401", "UNAUTHENTICATED"} <= statuses:
+            break
+        await asyncio.sleep(0.1)
     http_line, grpc_line = access["req-42"], access["grpc-7"]
     assert (http_line.api, http_line.method, http_line.status, http_line.inputs) == (
         "http",
