@@ -287,7 +287,8 @@ async def metrics_page(request: web.Request) -> web.StreamResponse:
 def build_app(
     core: Core, metrics: Metrics, keys: ApiKeys, max_body_bytes: int, options: HttpOptions | None = None
 ) -> web.Application:
-    """The aiohttp application; serve it with :func:`runner_kwargs` (decompression is ours)."""
+    """The aiohttp application. Serve it with :class:`HttpServer`, which turns aiohttp's own
+    decompression off: ``service.http_body`` decodes bodies, with a size cap and 4xx errors."""
     app = web.Application(middlewares=[_front_door], client_max_size=max_body_bytes)
     app[CORE_KEY] = core
     app[METRICS_KEY] = metrics
