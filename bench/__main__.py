@@ -10,6 +10,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   raw         PyTorch eager vs ORT fp32/fused/chunked/fp16/int8 variants      (issue 6 §1)
   long        peak RSS + latency at 1k…32k tokens, fused vs chunked           (issue 8)
   client      embedding-client overhead, embed-bulk vs capacity, load spreading (issue 13)
+  fuzz_http   byte-level HTTP fuzzer vs embed-serve, rounds × 500 examples    (issue 12; docs/reliability.md)
 
 Run one heavy scenario at a time on shared machines; each writes its section as soon as it ends.
 """
@@ -22,14 +23,27 @@ import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from bench._common import REPORT, Section, write_section
+
+# Scenarios whose figures belong in another document than docs/benchmarks.md.
+REPORTS = {"fuzz_http": Path("docs/reliability.md")}
 
 Runner = Callable[[int, bool], Section]
 
 
 def _scenarios() -> dict[str, Runner]:
-    from bench import client_bench, long_input, raw_model, serialization, service_load, tokenization, waste
+    from bench import (
+        client_bench,
+        fuzz_http,
+        long_input,
+        raw_model,
+        serialization,
+        service_load,
+        tokenization,
+        waste,
+    )
 
     def models_arg(run: Callable[[int, bool, list[str] | None], Section], models: list[str] | None) -> Runner:
         return lambda rounds, quick: run(rounds, quick, models)
@@ -44,6 +58,7 @@ def _scenarios() -> dict[str, Runner]:
         "raw": models_arg(raw_model.run, None),
         "long": models_arg(long_input.run, None),
         "client": client_bench.run,
+        "fuzz_http": fuzz_http.run,
     }
 
 
@@ -69,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
             failed.append(name)
             continue
-        write_section(section, command.strip())
+        write_section(section, command.strip(), REPORTS.get(name, REPORT))
         print("\n".join(section.body), flush=True)
     print(f"wrote {REPORT}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

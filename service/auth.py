@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 # Probes and `grpcurl list/describe` must work without a key: Kubernetes' native gRPC probe
 # cannot send metadata, and reflection only describes the public proto.
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# One message for both front ends (HTTP header names are case-insensitive; gRPC's are lowercase).
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'authorization: Bearer <key>')"
 
 
@@ -82,14 +83,23 @@ class ApiKeys:
             return True
         if presented is None:
             return False
-        candidate = presented.encode()
+        # surrogatepass: a header aiohttp decoded with surrogateescape (non-UTF-8 bytes) is a
+        # wrong key like any other, not an UnicodeEncodeError.
+        candidate = presented.encode("utf-8", "surrogatepass")
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(candidate, key)
         return matched
 
-    def accepts_header(self, authorization: str | None) -> bool:
-        return self.accepts(bearer_token(authorization)) if self._keys else True
+    def accepts_headers(self, authorization: Sequence[str]) -> bool:
+        """All ``Authorization`` header values of a request: exactly one, holding a valid key.
+
+        Two headers are refused even if one holds a valid key: proxies and servers disagree on
+        which one counts, and that disagreement is how requests get smuggled past a check.
+        """
+        if not self._keys:
+            return True
+        return len(authorization) == 1 and self.accepts(bearer_token(authorization[0]))
 
     def warn_if_open(self) -> None:
         if not self._keys:
@@ -99,7 +109,11 @@ class ApiKeys:
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` value; scheme case-insensitive."""
+    """The token of an ``Authorization: Bearer <token>`` value.
+
+    Lenient where RFC 9110 allows it: the scheme is case-insensitive (``bearer`` works) and
+    whitespace around the value and between scheme and token is ignored.
+    """
     if not authorization:
         return None
     scheme, _, token = authorization.strip().partition(" ")

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from service.auth import ApiKeys, GrpcAuthInterceptor
 from service.domain import CoreState, ModelInfo, SelfTestResult
 from service.grpc_observe import GrpcObserveInterceptor
-from service.http import Core, HttpServer, max_body_bytes
+from service.http import Core, HttpOptions, HttpServer, max_body_bytes
 from service.logs import add_redaction
 from service.metrics import Metrics
 from service.settings import Settings
@@ -98,7 +98,7 @@ class Edge:
         if s.http_port is None and s.metrics_port is None:
             return None
         ssl_context = http_ssl_context(self.tls) if self.tls is not None else None
-        server = HttpServer(s.grace_period_s)
+        server = HttpServer(s.grace_period_s, HttpOptions.from_settings(s))
         try:
             if s.http_port is not None:
                 await server.serve_api(

@@ -23,9 +23,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from service.auth import ApiKeys
+from service.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from service.domain import EmbedJob, EmbedResult, ModelInfo
-from service.errors import InvalidInput, Unauthenticated, describe
+from service.errors import Unauthenticated, describe
+from service.http_body import BodyRefused, read_json, request_deadline
+from service.http_logs import quiet_parser_refusals
 from service.http_schema import (
     embeddings_response,
     error_body,
@@ -34,20 +36,20 @@ from service.http_schema import (
 )
 from service.logs import log_request, new_request_id
 from service.metrics import Metrics
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
-UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'Authorization: Bearer <key>')"
 REQUEST_ID_HEADER = "X-Request-Id"
+_MAX_LINGER_S = 10.0
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
 # limit is a multiple of the gRPC message limit rather than equal to it.
 BODY_LIMIT_FACTOR = 4
-# Encoding or decoding more floats than this on the event loop would stall every other request
-# (json.dumps of a full 256 × 3584 response takes a large fraction of a second): use a thread.
+# Encoding more floats than this on the event loop would stall every other request (json.dumps
+# of a full 256 × 3584 response takes a large fraction of a second): use a thread.
 _OFFLOAD_FLOATS = 1 << 16
-_OFFLOAD_BYTES = 1 << 20
 RETRY_AFTER_S = {429: "1", 503: "5"}
 
 _ROUTE_NAMES = {
@@ -56,6 +58,10 @@ _ROUTE_NAMES = {
     "/health": "health",
     "/metrics": "metrics",
 }
+
+
+def _default(name: str) -> Any:
+    return Settings.model_fields[name].default
 
 
 class Core(Protocol):
@@ -70,9 +76,25 @@ class Core(Protocol):
 
 
 @dataclass(frozen=True)
+class HttpOptions:
+    """The HTTP-only settings (see ``service.settings`` for what each bounds)."""
+
+    keepalive_timeout_s: float = _default("http_keepalive_timeout_s")
+    body_timeout_s: float = _default("http_body_timeout_s")
+    allow_token_ids: bool = _default("http_allow_token_ids")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpOptions:
+        return cls(
+            settings.http_keepalive_timeout_s, settings.http_body_timeout_s, settings.http_allow_token_ids
+        )
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     max_body_bytes: int
     created: int  # /v1/models "created": when this process started serving
+    options: HttpOptions = HttpOptions()
 
 
 CORE_KEY = web.AppKey("core", Core)
@@ -86,6 +108,7 @@ class _Seen:
     """What the access log and metrics need to know about one request, filled as it goes."""
 
     request_id: str
+    arrived: float = 0.0  # time.monotonic() when the request reached the app
     inputs: int = 0
     tokens: int = 0
 
@@ -111,11 +134,21 @@ def _param(field: str | None) -> str | None:
     return re.sub(r"^(?:token_)?inputs\b", "input", field)
 
 
+# The core names gRPC's truncation enum values; HTTP clients send "end" / "start".
+_GRPC_TRUNCATION = re.compile(r"\btruncation END or START\b")
+
+
 def _from_exception(exc: BaseException, request_id: str) -> web.Response:
     public = describe(exc, request_id)
-    return _error(
-        public.http_status, public.message, public.kind, _param(public.field), _snake(public.error_class)
-    )
+    message = _GRPC_TRUNCATION.sub('"truncation": "end" or "start"', public.message)
+    return _error(public.http_status, message, public.kind, _param(public.field), _snake(public.error_class))
+
+
+def _from_refusal(exc: BodyRefused) -> web.Response:
+    response = _error(exc.status, exc.message, "invalid_request_error", None, exc.code)
+    # The body was not (fully) read: the connection cannot carry another request.
+    response.force_close()
+    return response
 
 
 def _from_http_exception(exc: web.HTTPException, body_limit: int) -> web.Response:
@@ -137,10 +170,12 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
     """Request id, API key, error shape, metrics and the access log: one place for all routes."""
     started = time.perf_counter()
     request_id = _request_id(request)
-    request[SEEN_KEY] = _Seen(request_id)
+    request[SEEN_KEY] = _Seen(request_id, time.monotonic())
     route = _ROUTE_NAMES.get(request.path, "model" if request.path.startswith("/v1/models/") else "other")
     keys = request.app[KEYS_KEY]
-    if request.path not in OPEN_PATHS and not keys.accepts_header(request.headers.get("Authorization")):
+    if request.path not in OPEN_PATHS and not keys.accepts_headers(
+        request.headers.getall("Authorization", [])
+    ):
         public = describe(Unauthenticated(UNAUTHENTICATED_MESSAGE), request_id)
         # OpenAI's code for this case, so clients that branch on it keep working.
         response: web.StreamResponse = _error(
@@ -152,6 +187,8 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
             response = await handler(request)
         except web.HTTPException as exc:
             response = _from_http_exception(exc, request.app[CONFIG_KEY].max_body_bytes)
+        except BodyRefused as exc:
+            response = _from_refusal(exc)
         except asyncio.CancelledError:
             # The client went away (handler_cancellation): nothing to send, but count it.
             _finish(request, route, 499, started)
@@ -180,16 +217,6 @@ def _finish(request: web.Request, route: str, status: int, started: float) -> No
     )
 
 
-async def _json_body(request: web.Request) -> object:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge over client_max_size
-    try:
-        if len(raw) > _OFFLOAD_BYTES:
-            return await asyncio.to_thread(json.loads, raw)
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidInput("the request body is not valid JSON") from None
-
-
 def _check_model(asked: str | None, info: ModelInfo) -> web.Response | None:
     if asked is None or asked in (info.model, info.model_id):
         return None
@@ -205,7 +232,12 @@ def _check_model(asked: str | None, info: ModelInfo) -> web.Response | None:
 async def embeddings(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE_KEY]
     seen = request[SEEN_KEY]
-    parsed = parse_embeddings_request(await _json_body(request), seen.request_id)
+    config = request.app[CONFIG_KEY]
+    deadline = request_deadline(request, seen.arrived)
+    body = await read_json(request, config.max_body_bytes, config.options.body_timeout_s)
+    parsed = parse_embeddings_request(
+        body, seen.request_id, deadline, allow_token_ids=config.options.allow_token_ids
+    )
     seen.inputs = parsed.job.count
     info = core.model_info()
     refused = _check_model(parsed.model, info)
@@ -217,11 +249,11 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     t = result.timings
     metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
     metrics.observe_truncated(result.usage.truncated_inputs)
-    body = embeddings_response(result, parsed.encoding_format, info.model)
+    answer = embeddings_response(result, parsed.encoding_format, info.model)
     if result.vectors.size > _OFFLOAD_FLOATS:
-        text = await asyncio.to_thread(json.dumps, body)
+        text = await asyncio.to_thread(json.dumps, answer)
     else:
-        text = json.dumps(body)
+        text = json.dumps(answer)
     return web.Response(text=text, content_type="application/json")
 
 
@@ -252,13 +284,16 @@ async def metrics_page(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def build_app(core: Core, metrics: Metrics, keys: ApiKeys, max_body_bytes: int) -> web.Application:
-    """The aiohttp application; tests may serve it with any runner."""
+def build_app(
+    core: Core, metrics: Metrics, keys: ApiKeys, max_body_bytes: int, options: HttpOptions | None = None
+) -> web.Application:
+    """The aiohttp application. Serve it with :class:`HttpServer`, which turns aiohttp's own
+    decompression off: ``service.http_body`` decodes bodies, with a size cap and 4xx errors."""
     app = web.Application(middlewares=[_front_door], client_max_size=max_body_bytes)
     app[CORE_KEY] = core
     app[METRICS_KEY] = metrics
     app[KEYS_KEY] = keys
-    app[CONFIG_KEY] = HttpConfig(max_body_bytes=max_body_bytes, created=int(time.time()))
+    app[CONFIG_KEY] = HttpConfig(max_body_bytes, int(time.time()), options or HttpOptions())
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
@@ -278,8 +313,9 @@ def build_metrics_app(metrics: Metrics) -> web.Application:
 class HttpServer:
     """Running aiohttp sites (API port, optional metrics port) on the current event loop."""
 
-    def __init__(self, grace_s: float = 5.0) -> None:
+    def __init__(self, grace_s: float = 5.0, options: HttpOptions | None = None) -> None:
         self._grace_s = grace_s
+        self._options = options or HttpOptions()
         self._runners: list[web.AppRunner] = []
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -289,9 +325,23 @@ class HttpServer:
     ) -> int:
         # handler_cancellation: a client that disconnects cancels its handler, so the batcher
         # drops its queued inputs instead of computing them for nobody.
+        # auto_decompress off: service.http_body decodes bodies with a size cap and 4xx errors.
+        # keepalive_timeout: aiohttp arms it when a connection opens and after each response and
+        # does not reset it on arriving bytes, so it also bounds a client sending headers slowly
+        # (it closes only a connection still waiting for a request head, never one in a handler).
         runner = web.AppRunner(
-            app, access_log=None, handler_cancellation=True, shutdown_timeout=self._grace_s
+            app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=self._grace_s,
+            auto_decompress=False,
+            keepalive_timeout=self._options.keepalive_timeout_s,
+            # After an answer sent before the body was read (401, 408, 413, 415), aiohttp drains
+            # the rest so the client can read it: no longer than the body timeout, nor than
+            # aiohttp's own 10 s, so a stalled or unauthenticated upload cannot hold a connection.
+            lingering_time=min(self._options.body_timeout_s, _MAX_LINGER_S),
         )
+        quiet_parser_refusals()
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
@@ -310,7 +360,8 @@ class HttpServer:
         ssl_context: ssl.SSLContext | None = None,
     ) -> int:
         """Serve the API app; returns the bound port (``port=0`` picks a free one)."""
-        self.port = await self._serve(build_app(core, metrics, keys, body_limit), host, port, ssl_context)
+        app = build_app(core, metrics, keys, body_limit, self._options)
+        self.port = await self._serve(app, host, port, ssl_context)
         scheme = "https" if ssl_context is not None else "http"
         logger.info("HTTP API listening", extra={"url": f"{scheme}://{host}:{self.port}"})
         return self.port

@@ -103,8 +103,19 @@ def _choice(body: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> str
     return cast(str, value)
 
 
+# Why token ids are opt-in: OpenAI clients (LangChain's OpenAIEmbeddings by default) send
+# *tiktoken* ids, which this server would read in its own model's vocabulary: plausible, wrong
+# vectors and no error. Only a client that got its ids from this model should send ids.
+TOKEN_IDS_REFUSED = (
+    "'input' holds token ids, which this server does not accept on HTTP: they would be read in the "
+    "served model's vocabulary, not OpenAI's (tiktoken), giving wrong vectors. Send text instead; "
+    "with LangChain's OpenAIEmbeddings set check_embedding_ctx_length=False. (The operator can "
+    "allow ids of this model's own vocabulary with --http-allow-token-ids.)"
+)
+
+
 def parse_embeddings_request(
-    body: object, request_id: str, deadline: float | None = None
+    body: object, request_id: str, deadline: float | None = None, *, allow_token_ids: bool = False
 ) -> EmbeddingsRequest:
     """Validate the JSON body's structure and build the job.
 
@@ -120,6 +131,8 @@ def parse_embeddings_request(
     if "input" not in fields:
         raise InvalidInput("'input' is required", field="input")
     texts, token_ids = parse_input(fields["input"])
+    if token_ids and not allow_token_ids:
+        raise InvalidInput(TOKEN_IDS_REFUSED, field="input")
     encoding = cast(EncodingFormat, _choice(fields, "encoding_format", ("float", "base64")) or "float")
     dimensions = fields.get("dimensions")
     if dimensions is not None and not (_is_int(dimensions) and dimensions >= 1):

@@ -65,6 +65,21 @@ class Settings(BaseSettings):
         gt=0,
         description="Close gRPC connections after this age so round_robin clients rebalance onto new pods.",
     )
+    http_keepalive_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="HTTP: close a connection that sends no full request head this long after opening or its "
+        "last answer (idle keep-alive, slow headers); keep it above a load balancer's idle timeout.",
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="HTTP: a body not complete this long after its headers gets 408; the connection closes.",
+    )
+    http_allow_token_ids: bool = Field(
+        default=False,
+        description="Accept token ids as HTTP `input` (this model's vocabulary, not OpenAI's tiktoken ids).",
+    )
     grace_period_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM: NOT_SERVING at once, finish accepted work within this."
     )

@@ -48,6 +48,7 @@ async def stack(tiny_qwen2_bundle: Path, keys_file: Path) -> AsyncIterator[Stack
         max_queue_tokens=512,
         max_batch_tokens=1024,
         max_batch_size=8,
+        http_allow_token_ids=True,  # off by default (test_http_edges); on here to compare with gRPC
     )
     s = await start_stack(settings)
     yield s
@@ -179,6 +180,29 @@ async def test_error_codes(
 ) -> None:
     got, payload = await _post(http, body)
     assert (got, payload["error"]["code"], payload["error"]["param"]) == (status, code, param), payload
+
+
+async def test_input_too_long_names_the_http_truncation_values(http: aiohttp.ClientSession) -> None:
+    status, payload = await _post(http, {"input": "word " * (4 * MAX_TOKENS), "truncation": "none"})
+    message = payload["error"]["message"]
+    assert status == 413 and '"truncation": "end" or "start"' in message, message
+    assert "END" not in message and "START" not in message
+
+
+async def test_request_timeout_header_becomes_the_deadline(http: aiohttp.ClientSession) -> None:
+    """An expired deadline is a 504 and nothing is computed; a bad header value is a 400."""
+    expired = {**HTTP_AUTH, "X-Request-Timeout": "0.000001"}
+    status, payload = await _post(http, {"input": ["a", "b"]}, expired)
+    assert (status, payload["error"]["code"], payload["error"]["type"]) == (
+        504,
+        "deadline_exceeded",
+        "timeout",
+    )
+    status, _ = await _post(http, {"input": ["a"]}, {**HTTP_AUTH, "X-Request-Timeout": "30"})
+    assert status == 200
+    for bad in ("0", "-1", "soon", "nan", "inf", "1e9"):
+        status, payload = await _post(http, {"input": ["a"]}, {**HTTP_AUTH, "X-Request-Timeout": bad})
+        assert (status, payload["error"]["code"]) == (400, "invalid_input"), bad
 
 
 async def test_truncation_end_and_start_accept_long_inputs(http: aiohttp.ClientSession) -> None:
@@ -374,7 +398,15 @@ async def test_access_logs_have_fields_and_never_a_key(
             await stack.stub(channel).Embed(
                 pb.EmbedRequest(inputs=["a"]), metadata=(("authorization", f"Bearer {KEY}!"),)
             )
-    access = {r.request_id: r for r in caplog.records if r.name == "service.access"}  # type: ignore[attr-defined]
+    # gRPC writes its access line as the call ends, which may be just after the client has its
+    # reply: wait for the lines (under load that gap is visible) instead of racing them.
+    access: dict[str, logging.LogRecord] = {}
+    for _ in range(300):
+        access = {r.request_id: r for r in caplog.records if r.name == "service.access"}  # type: ignore[attr-defined]
+        statuses = {r.status for r in access.values()}  # type: ignore[attr-defined]
+        if {"req-42", "grpc-7"} <= set(access) and {"401", "UNAUTHENTICATED"} <= statuses:
+            break
+        await asyncio.sleep(0.1)
     http_line, grpc_line = access["req-42"], access["grpc-7"]
     assert (http_line.api, http_line.method, http_line.status, http_line.inputs) == (
         "http",

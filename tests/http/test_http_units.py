@@ -45,7 +45,7 @@ def test_keys_file_several_keys_comments_and_blank_lines(tmp_path: Path) -> None
 def test_no_keys_file_means_open() -> None:
     keys = ApiKeys.from_file(None)
     assert not keys.enabled
-    assert keys.accepts(None) and keys.accepts_header(None)
+    assert keys.accepts(None) and keys.accepts_headers([]) and keys.accepts_headers(["a", "b"])
 
 
 def test_empty_or_missing_keys_file_fails_closed_without_showing_content(tmp_path: Path) -> None:
@@ -79,12 +79,25 @@ def test_bearer_token(header: str | None, token: str | None) -> None:
 
 def test_header_check() -> None:
     keys = ApiKeys(["k1"])
-    assert keys.accepts_header("Bearer k1")
+    assert keys.accepts_headers(["Bearer k1"]) and keys.accepts_headers(["  bearer   k1  "])
     assert (
-        not keys.accepts_header("k1")
-        and not keys.accepts_header("Bearer k2")
-        and not keys.accepts_header(None)
+        not keys.accepts_headers(["k1"])
+        and not keys.accepts_headers(["Bearer k2"])
+        and not keys.accepts_headers([])
     )
+
+
+def test_two_authorization_headers_are_refused_even_if_one_is_valid() -> None:
+    keys = ApiKeys(["k1"])
+    assert not keys.accepts_headers(["Bearer k1", "Bearer k1"])
+    assert not keys.accepts_headers(["Bearer k1", "Bearer k2"])
+
+
+def test_non_utf8_key_is_a_wrong_key_not_an_error() -> None:
+    """aiohttp decodes header bytes with surrogateescape: such a value must compare, not raise."""
+    keys = ApiKeys(["k1"])
+    assert not keys.accepts_headers([b"Bearer \xff\xfe".decode("utf-8", "surrogateescape")])
+    assert not keys.accepts_headers(["Bearer \ud800"]) and not keys.accepts_headers(["Bearer ключ"])
 
 
 # --- TLS ----------------------------------------------------------------------------------------

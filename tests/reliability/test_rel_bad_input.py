@@ -48,7 +48,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from rel_toy import build_toy_bundle
 
     bundle = build_toy_bundle(tmp_path_factory.mktemp("fuzz") / "toy")
-    with ThreadedServer(bundle, allow_dimensions=True, max_inputs_per_request=MAX_INPUTS) as live:
+    # http_allow_token_ids: the HTTP properties cover token-id inputs too (opt-in on HTTP)
+    with ThreadedServer(
+        bundle, allow_dimensions=True, max_inputs_per_request=MAX_INPUTS, http_allow_token_ids=True
+    ) as live:
         channel = grpc.insecure_channel(live.grpc_target)
         yield live, channel
         channel.close()

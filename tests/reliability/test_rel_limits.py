@@ -31,7 +31,12 @@ async def grpc_code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
 async def test_limits_grpc_and_http(rel_toy_bundle: Path) -> None:
     runtime = CountingRuntime()
     async with live_server(
-        rel_toy_bundle, runtime, max_message_bytes=MSG, max_inputs_per_request=8, max_input_tokens=16
+        rel_toy_bundle,
+        runtime,
+        max_message_bytes=MSG,
+        max_inputs_per_request=8,
+        max_input_tokens=16,
+        http_allow_token_ids=True,  # token-id limits on HTTP too (ids are opt-in there)
     ) as live:
         runtime.reset()
         async with grpc_channel(live.grpc_target) as channel, aiohttp.ClientSession() as http:
