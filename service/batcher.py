@@ -148,7 +148,6 @@ class Batcher:
         self._slots = asyncio.Semaphore(PIPELINE_SLOTS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-runtime")
         self._task: asyncio.Task[None] | None = None
-        self.runtime_calls = 0
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -397,7 +396,6 @@ class Batcher:
         for row, seq in enumerate(seqs):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        self.runtime_calls += 1
         if self._on_batch is not None:
             self._on_batch(len(seqs), sum(len(s) for s in seqs), input_ids.size)
         vectors, norms = self._runtime.run(input_ids, mask)

@@ -19,11 +19,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 
-from bundle.manifest import MANIFEST_NAME, BundleError, Manifest, file_sha256, load_manifest, verify_files
+from bundle.manifest import BundleError
 from service.batcher import Batcher, BatchObserver
-from service.cost import CostModel
 from service.domain import (
     CoreState,
     EmbedJob,
@@ -45,22 +43,19 @@ from service.errors import (
     InvalidInput,
     NotReady,
     RuntimeFailure,
+    StartupError,
     TooManyInputs,
 )
+from service.loader import LoadedModel, RuntimeFactory, load_model, ort_runtime
 from service.logs import new_request_id
-from service.runtime import OrtRuntime, Runtime, StartupError
-from service.selftest import cosine_threshold, self_test, warm_up
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
 log = logging.getLogger("service.core")
 
-RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
 StateListener = Callable[[CoreState], None]
 
-
-def ort_runtime(settings: Settings, manifest: Manifest, directory: Path, max_input_tokens: int) -> Runtime:
-    return OrtRuntime(settings, manifest, directory, max_input_tokens=max_input_tokens)
+__all__ = ["EmbeddingCore", "RuntimeFactory", "StateListener", "ort_runtime"]
 
 
 class EmbeddingCore:
@@ -84,14 +79,8 @@ class EmbeddingCore:
         # Tokenisation threads: encode_batch is Rust and releases the GIL; two keep the loop free
         # without competing with the runtime thread for the cores.
         self._tok_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embed-tokenize")
-        self._manifest: Manifest | None = None
-        self._tokenizer: TextTokenizer | None = None
-        self._runtime: Runtime | None = None
+        self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
-        self._bundle_sha256 = ""
-        self._self_test = SelfTestResult(ran=False, passed=False, message="not run yet")
-        self.max_input_tokens = 0
-        self._cost: CostModel | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -121,77 +110,28 @@ class EmbeddingCore:
     async def start(self) -> None:
         """Verify and load the bundle, warm up, self-test, then serve. Raises StartupError."""
         try:
-            await asyncio.to_thread(self._load)
+            model = await asyncio.to_thread(load_model, self.settings, self._runtime_factory)
         except (BundleError, StartupError, ValueError, OSError) as exc:
             self._set_state("failed")
             raise StartupError(str(exc)) from exc
         except Exception as exc:
             self._set_state("failed")
             raise StartupError(f"unexpected start-up failure: {exc!r}") from exc
-        assert self._runtime is not None and self._manifest is not None
+        self._model = model
         self._batcher = Batcher(
-            self._runtime,
+            model.runtime,
             max_batch_tokens=self.settings.max_batch_tokens,
-            cost=self._cost,
+            cost=model.cost,
             max_padding_ratio=self.settings.max_padding_ratio,
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_ms=self.settings.max_batch_wait_ms,
             max_queue_tokens=self.settings.max_queue_tokens,
-            pad_id=self._manifest.tokenizer.pad_id,
-            batch_invariant=self._manifest.batch_invariant,
+            pad_id=model.manifest.tokenizer.pad_id,
+            batch_invariant=model.manifest.batch_invariant,
             on_batch=self._on_batch,
         )
         self._batcher.start()
         self._set_state("ready")
-
-    def _load(self) -> None:
-        settings = self.settings
-        directory = settings.model_dir
-        manifest = load_manifest(directory)
-        verify_files(directory, manifest)
-        self._bundle_sha256 = file_sha256(directory / MANIFEST_NAME)
-        limit = manifest.max_input_tokens
-        if settings.max_input_tokens is not None:
-            if settings.max_input_tokens > limit:
-                log.warning(
-                    "max_input_tokens=%d exceeds the model's %d; using %d",
-                    settings.max_input_tokens,
-                    limit,
-                    limit,
-                )
-            limit = min(limit, settings.max_input_tokens)
-        cost = CostModel.from_manifest(
-            manifest,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_batch_memory_bytes=settings.max_batch_memory_bytes,
-        )
-        fitting = cost.max_single_input(limit)
-        if fitting < limit:
-            # Refuse (or truncate, per request) what would not fit in memory rather than be
-            # OOM-killed mid-batch with everyone else's work.
-            log.warning(
-                "inputs are capped at %d tokens: one input of %d would need %.1f GiB of activations "
-                "(max_batch_memory_bytes=%d); raise the budget or export the chunked graph",
-                fitting,
-                limit,
-                cost.memory_bytes(1, limit) / 2**30,
-                settings.max_batch_memory_bytes,
-            )
-            limit = fitting
-        self.max_input_tokens = limit
-        self._cost = cost
-        tokenizer = TextTokenizer.from_bundle(
-            directory, manifest, max_input_tokens=limit, default_truncation=settings.default_truncation
-        )
-        runtime = self._runtime_factory(settings, manifest, directory, limit)
-        warm_up(
-            runtime, manifest.tokenizer.pad_id, max_batch_size=settings.max_batch_size, max_input_tokens=limit
-        )
-        if settings.self_test:
-            self._self_test = self_test(manifest, tokenizer, runtime, cosine_threshold(manifest, settings))
-        else:
-            self._self_test = SelfTestResult(ran=False, passed=False, message="disabled by the operator")
-        self._manifest, self._tokenizer, self._runtime = manifest, tokenizer, runtime
 
     async def drain(self) -> None:
         """Refuse new work (UNAVAILABLE) and wait for accepted work; callers bound the wait."""
@@ -209,19 +149,14 @@ class EmbeddingCore:
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------------------------
-    def _admit(self) -> tuple[Manifest, TextTokenizer, Batcher]:
+    def _admit(self) -> tuple[LoadedModel, Batcher]:
         if self._state == "starting":
             raise NotReady("the model is warming up; retry shortly")
         if self._state in ("draining", "stopped"):
             raise Draining("the server is shutting down; retry on another replica")
-        if (
-            self._state == "failed"
-            or self._manifest is None
-            or self._tokenizer is None
-            or self._batcher is None
-        ):
+        if self._state == "failed" or self._model is None or self._batcher is None:
             raise NotReady("the model failed to load")
-        return self._manifest, self._tokenizer, self._batcher
+        return self._model, self._batcher
 
     def _begin(self) -> None:
         self._active += 1
@@ -287,9 +222,12 @@ class EmbeddingCore:
 
     async def _embed(self, job: EmbedJob, request_id: str) -> EmbedResult:
         started = time.perf_counter()
-        manifest, tokenizer, batcher = self._admit()
+        model, batcher = self._admit()
+        tokenizer = model.tokenizer
         self._check_count(job.count, job.texts, job.token_ids)
-        check_dimensions(job.dimensions, model_dims=manifest.dim, allowed=self.settings.allow_dimensions)
+        check_dimensions(
+            job.dimensions, model_dims=model.manifest.dim, allowed=self.settings.allow_dimensions
+        )
         if job.deadline is not None and time.monotonic() >= job.deadline:
             raise DeadlineExceeded("the deadline passed before the request started")
         self._begin()
@@ -314,7 +252,8 @@ class EmbeddingCore:
 
     async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
         """Exactly the ids ``embed`` would send to the model for the same texts and options."""
-        _, tokenizer, _ = self._admit()
+        model, _ = self._admit()
+        tokenizer = model.tokenizer
         self._check_count(len(job.texts), job.texts, ())
         tokenized = await self._tokenize(job, tokenizer)
         tokens = tuple(tokenizer.tokens(t.ids) for t in tokenized) if job.return_tokens else ()
@@ -324,25 +263,32 @@ class EmbeddingCore:
     @property
     def dimensions(self) -> int:
         """The model's native vector size (cheap; for per-request checks)."""
-        if self._manifest is None:
+        if self._model is None:
             raise NotReady("the model is warming up; retry shortly")
-        return self._manifest.dim
+        return self._model.manifest.dim
 
     @property
     def model_name(self) -> str:
         if self.settings.model_name:
             return self.settings.model_name
-        return self._manifest.model_id if self._manifest is not None else ""
+        return self._model.manifest.model_id if self._model is not None else ""
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The served per-input limit (0 until loaded)."""
+        return self._model.max_input_tokens if self._model is not None else 0
 
     @property
     def self_test_result(self) -> SelfTestResult:
-        return self._self_test
+        if self._model is None:
+            return SelfTestResult(ran=False, passed=False, message="not run yet")
+        return self._model.self_test
 
     def model_info(self) -> ModelInfo:
-        manifest = self._manifest
-        if manifest is None or self._runtime is None:
+        model = self._model
+        if model is None:
             raise NotReady("the model is warming up; retry shortly")
-        s = self.settings
+        manifest, s = model.manifest, self.settings
         return ModelInfo(
             model=self.model_name,
             model_id=manifest.model_id,
@@ -356,8 +302,8 @@ class EmbeddingCore:
             pooling=manifest.pooling,
             attention=manifest.attention,
             precision=manifest.precision,
-            execution_providers=self._runtime.providers,
-            bundle_sha256=self._bundle_sha256,
+            execution_providers=model.runtime.providers,
+            bundle_sha256=model.bundle_sha256,
             tasks=dict(manifest.prompts.tasks),
             default_task=manifest.prompts.default_task,
             query_template=manifest.prompts.query_template,
@@ -372,7 +318,7 @@ class EmbeddingCore:
                 allow_dimensions=s.allow_dimensions,
             ),
             validation=dict(manifest.validation),
-            self_test=self._self_test,
+            self_test=model.self_test,
             batch_invariant=manifest.batch_invariant,
             matryoshka=manifest.matryoshka,
         )

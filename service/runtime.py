@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from bundle.manifest import Manifest
 from service.domain import FloatArray
+from service.errors import StartupError
 from service.settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -34,10 +35,6 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _SUPPORTED_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
-
-
-class StartupError(Exception):
-    """The server cannot start: bad bundle, provider missing, failed self-test. Exit non-zero."""
 
 
 class Runtime(Protocol):

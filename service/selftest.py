@@ -14,8 +14,8 @@ import numpy as np
 
 from bundle.manifest import Manifest
 from service.domain import SelfTestResult
-from service.errors import EmbeddingError
-from service.runtime import IntArray, Runtime, StartupError
+from service.errors import EmbeddingError, StartupError
+from service.runtime import IntArray, Runtime
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 

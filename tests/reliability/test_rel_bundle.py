@@ -17,7 +17,7 @@ from rel_harness import run_embed_serve, settings_for
 from rel_toy import build_toy_bundle, edit_manifest, rehash, toy_tokenizer
 
 from service.core import EmbeddingCore
-from service.runtime import StartupError
+from service.errors import StartupError
 
 
 def tamper(bundle: Path) -> None:

@@ -1,0 +1,99 @@
+"""Start-up wiring: from ``Settings`` to one frozen :class:`LoadedModel`, or a ``StartupError``.
+
+Why its own module: loading is a one-shot pipeline (verify the bundle, size the limits, build the
+tokenizer and the runtime, warm up, self-test) whose result never changes afterwards, while the
+core is a long-lived state machine. Keeping them apart lets the core hold one immutable object
+instead of half a dozen attributes that are ``None`` until start-up finished.
+
+Runs in a worker thread (``EmbeddingCore.start`` uses ``asyncio.to_thread``); no asyncio here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundle.manifest import MANIFEST_NAME, Manifest, file_sha256, load_manifest, verify_files
+from service.cost import CostModel
+from service.domain import SelfTestResult
+from service.runtime import OrtRuntime, Runtime
+from service.selftest import cosine_threshold, self_test, warm_up
+from service.settings import Settings
+from service.tokenizer import TextTokenizer
+
+log = logging.getLogger("service.loader")
+
+RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
+
+
+def ort_runtime(settings: Settings, manifest: Manifest, directory: Path, max_input_tokens: int) -> Runtime:
+    return OrtRuntime(settings, manifest, directory, max_input_tokens=max_input_tokens)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Everything start-up produced; read-only for the life of the process."""
+
+    manifest: Manifest
+    tokenizer: TextTokenizer
+    runtime: Runtime
+    cost: CostModel
+    max_input_tokens: int
+    bundle_sha256: str
+    self_test: SelfTestResult
+
+
+def input_limit(settings: Settings, manifest: Manifest, cost: CostModel) -> int:
+    """The served per-input token limit: the manifest's, lowered by the setting and by memory."""
+    limit = manifest.max_input_tokens
+    if settings.max_input_tokens is not None:
+        if settings.max_input_tokens > limit:
+            log.warning(
+                "max_input_tokens=%d exceeds the model's %d; using %d",
+                settings.max_input_tokens,
+                limit,
+                limit,
+            )
+        limit = min(limit, settings.max_input_tokens)
+    fitting = cost.max_single_input(limit)
+    if fitting < limit:
+        # Refuse (or truncate, per request) what would not fit in memory rather than be
+        # OOM-killed mid-batch with everyone else's work.
+        log.warning(
+            "inputs are capped at %d tokens: one input of %d would need %.1f GiB of activations "
+            "(max_batch_memory_bytes=%d); raise the budget or export the chunked graph",
+            fitting,
+            limit,
+            cost.memory_bytes(1, limit) / 2**30,
+            settings.max_batch_memory_bytes,
+        )
+        limit = fitting
+    return limit
+
+
+def load_model(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> LoadedModel:
+    """Verify and load the bundle, warm up and self-test. Raises ``BundleError``/``StartupError``."""
+    directory = settings.model_dir
+    manifest = load_manifest(directory)
+    verify_files(directory, manifest)
+    bundle_sha256 = file_sha256(directory / MANIFEST_NAME)
+    cost = CostModel.from_manifest(
+        manifest,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_memory_bytes=settings.max_batch_memory_bytes,
+    )
+    limit = input_limit(settings, manifest, cost)
+    tokenizer = TextTokenizer.from_bundle(
+        directory, manifest, max_input_tokens=limit, default_truncation=settings.default_truncation
+    )
+    runtime = runtime_factory(settings, manifest, directory, limit)
+    warm_up(
+        runtime, manifest.tokenizer.pad_id, max_batch_size=settings.max_batch_size, max_input_tokens=limit
+    )
+    if settings.self_test:
+        result = self_test(manifest, tokenizer, runtime, cosine_threshold(manifest, settings))
+    else:
+        result = SelfTestResult(ran=False, passed=False, message="disabled by the operator")
+    return LoadedModel(manifest, tokenizer, runtime, cost, limit, bundle_sha256, result)
