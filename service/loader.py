@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundle.manifest import MANIFEST_NAME, Manifest, file_sha256, load_manifest, verify_files
+from service.claims import check_graph_file, check_tokenizer, probe
 from service.cost import CostModel
 from service.domain import SelfTestResult
 from service.runtime import OrtRuntime, Runtime
@@ -88,7 +89,10 @@ def load_model(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime
     tokenizer = TextTokenizer.from_bundle(
         directory, manifest, max_input_tokens=limit, default_truncation=settings.default_truncation
     )
+    check_tokenizer(manifest, tokenizer)
     runtime = runtime_factory(settings, manifest, directory, limit)
+    check_graph_file(manifest, directory)
+    probe(manifest, runtime, limit)
     warm_up(
         runtime, manifest.tokenizer.pad_id, max_batch_size=settings.max_batch_size, max_input_tokens=limit
     )

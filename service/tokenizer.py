@@ -70,6 +70,11 @@ class TextTokenizer:
             default_truncation=default_truncation,
         )
 
+    @property
+    def largest_id(self) -> int:
+        """The highest id this tokenizer can emit (added tokens included)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=0)
+
     # --- instruction policy ------------------------------------------------------------------
     def resolve_instruction(
         self, input_type: InputType, task: str | None, instruction: str | None
