@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.manifest import Manifest
+from service.domain import FloatArray
 from service.errors import StartupError
 from service.onnx_shapes import OnnxFormatError, read_graph_facts
 from service.runtime import IntArray, Runtime
@@ -82,33 +83,50 @@ def check_graph_file(manifest: Manifest, directory: Path) -> None:
         )
 
 
+def _run(runtime: Runtime, ids: IntArray) -> FloatArray:
+    vectors, _ = runtime.run(ids, np.ones_like(ids))
+    return vectors
+
+
 def probe(manifest: Manifest, runtime: Runtime, max_input_tokens: int) -> None:
-    """Run the highest id and (for learned positions) the longest input; check the output width."""
-    spec = manifest.tokenizer
-    top = spec.vocab_size - 1
-    ids: IntArray = np.asarray([[*spec.prefix_ids[:1], top, *spec.suffix_ids[:1]]], dtype=np.int64)
+    """A plain run (width = ``dim``), then the highest id, then (learned positions) the longest input.
+
+    The plain run comes first so that a runtime that cannot run at all is reported as such,
+    not blamed on a claim.
+    """
+    spec, graph = manifest.tokenizer, manifest.graph.file
+    head, tail = spec.prefix_ids[:1], spec.suffix_ids[:1]
+    plain: IntArray = np.asarray([[*head, 1 if spec.pad_id != 1 else 2, *tail]], dtype=np.int64)
     try:
-        vectors, _ = runtime.run(ids, np.ones_like(ids))
-    except Exception as exc:  # ORT's own error types; the claim is what is wrong
+        vectors = _run(runtime, plain)
+    except Exception as exc:
         raise StartupError(
-            f"manifest.json tokenizer.vocab_size={spec.vocab_size}: {manifest.graph.file} cannot embed "
-            f"token id {top} ({exc}); {_FIX}"
+            f"the first run of {graph} failed ({type(exc).__name__}: {exc}); check the provider "
+            "settings and the device, or re-export the bundle"
         ) from exc
     width = int(vectors.shape[-1]) if vectors.ndim == 2 else -1
     if width != manifest.dim:
         raise StartupError(
-            f"manifest.json dim={manifest.dim}, but {manifest.graph.file} returns vectors of shape "
+            f"manifest.json dim={manifest.dim}, but {graph} returns vectors of shape "
             f"{tuple(vectors.shape)}; {_FIX}"
         )
+    top = spec.vocab_size - 1
+    try:
+        _run(runtime, np.asarray([[*head, top, *tail]], dtype=np.int64))
+    except Exception as exc:  # ORT's own error types; the claim is what is wrong
+        raise StartupError(
+            f"manifest.json tokenizer.vocab_size={spec.vocab_size}: {graph} cannot embed "
+            f"token id {top} ({exc}); {_FIX}"
+        ) from exc
     if not ABSOLUTE_POSITIONS.get(manifest.family, True):
         return
     long: IntArray = np.full((1, max_input_tokens), spec.pad_id, dtype=np.int64)
     long[0, 0] = top
     try:
-        runtime.run(long, np.ones_like(long))
+        _run(runtime, long)
     except Exception as exc:
         raise StartupError(
-            f"manifest.json max_input_tokens={manifest.max_input_tokens}: {manifest.graph.file} cannot "
+            f"manifest.json max_input_tokens={manifest.max_input_tokens}: {graph} cannot "
             f"take an input of {max_input_tokens} tokens ({exc}); its position table is shorter. "
             f"Set --max-input-tokens (EMBED_MAX_INPUT_TOKENS) to the graph's limit, or {_FIX}"
         ) from exc

@@ -46,7 +46,7 @@ from service.errors import (
     StartupError,
     TooManyInputs,
 )
-from service.loader import LoadedModel, RuntimeFactory, load_model, ort_runtime
+from service.loader import LoadedModel, RuntimeFactory, describe_exception, load_model, ort_runtime
 from service.logs import new_request_id
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
@@ -114,9 +114,13 @@ class EmbeddingCore:
         except (BundleError, StartupError, ValueError, OSError) as exc:
             self._set_state("failed")
             raise StartupError(str(exc)) from exc
-        except Exception as exc:
+        except Exception as exc:  # a step outside every stage (a bug): still say where to look
             self._set_state("failed")
-            raise StartupError(f"unexpected start-up failure: {exc!r}") from exc
+            log.error("start-up failed outside a named stage", exc_info=exc)
+            raise StartupError(
+                f"start-up failed loading {self.settings.model_dir}: {describe_exception(exc)}; "
+                "the traceback is in the log"
+            ) from exc
         self._model = model
         self._batcher = Batcher(
             model.runtime,
