@@ -40,8 +40,9 @@ from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
 from service.pending import PendingQueue
 from service.runtime import IntArray, Runtime
+from service.watchdog import Progress
 
-__all__ = ["BatchObserver", "BatchOutput", "Batcher", "batch_cost", "may_share_batch"]
+__all__ = ["BatchObserver", "BatchOutput", "Batcher", "Progress", "batch_cost", "may_share_batch"]
 
 log = logging.getLogger("service.batcher")
 
@@ -107,10 +108,13 @@ class _Done:
     error: BaseException | None = None
     start: float = 0.0
     end: float = 0.0
+    tokens: int = 0  # cost-model tokens of the runtime call(s)
 
 
 # (inputs, real tokens, padded tokens); called from the worker thread, so it must be thread-safe.
 BatchObserver = Callable[[int, int, int], None]
+
+_RATE_WEIGHT = 0.2  # EWMA weight of the newest batch in the learned seconds-per-token
 
 
 class Batcher:
@@ -148,6 +152,10 @@ class Batcher:
         self._slots = asyncio.Semaphore(PIPELINE_SLOTS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-runtime")
         self._task: asyncio.Task[None] | None = None
+        # Written by the worker thread, read by the watchdog on the loop: single assignments.
+        self._running: tuple[float, int] | None = None  # (started, cost-model tokens)
+        self._seconds_per_token: float | None = None
+        self._last_progress = time.monotonic()
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -157,6 +165,19 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    def progress(self) -> Progress:
+        """A snapshot for the watchdog: is the runtime making progress on the work it holds?"""
+        now = time.monotonic()
+        running = self._running
+        rate = self._seconds_per_token
+        has_work = bool(self._pending) or self._in_flight > 0
+        return Progress(
+            scheduler_alive=self._task is None or not self._task.done() or self._closing,
+            running_for=None if running is None else now - running[0],
+            predicted_s=None if running is None or rate is None else rate * running[1],
+            stuck_for=now - self._last_progress if has_work and running is None else 0.0,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -182,6 +203,8 @@ class Batcher:
             ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id
         )
         request.future.add_done_callback(functools.partial(self._on_done, request))
+        if not self._pending and self._in_flight == 0:
+            self._last_progress = now  # idle time is not a stall
         for index, seq_ids in enumerate(ids):
             item = _Item(request, index, len(seq_ids), next(self._seq))
             request.items.append(item)
@@ -305,12 +328,17 @@ class Batcher:
     def _finished(self, batch: list[_Item], future: asyncio.Future[_Done]) -> None:
         self._slots.release()
         self._in_flight -= 1
+        self._last_progress = time.monotonic()
         if future.cancelled():  # close() dropped a batch that was waiting for the worker
             for item in batch:
                 self._fail(item.request, Draining("the server stopped before this request was computed"))
             self._check_idle()
             return
         done = future.result()  # _compute never raises: errors come back in done.error
+        if done.error is None and done.tokens > 0 and done.end > done.start:
+            rate = (done.end - done.start) / done.tokens
+            old = self._seconds_per_token
+            self._seconds_per_token = rate if old is None else old + _RATE_WEIGHT * (rate - old)
         for item in done.expired:
             if not item.request.future.done():
                 self._fail(item.request, DeadlineExceeded("deadline passed while queued; not computed"))
@@ -378,9 +406,11 @@ class Batcher:
         done.start = time.monotonic()
         try:
             if self._batch_invariant:
-                done.vectors, done.norms = self._run([item.request.ids[item.index] for item in done.computed])
+                done.vectors, done.norms = self._run(
+                    [item.request.ids[item.index] for item in done.computed], done
+                )
             else:
-                parts = [self._run([item.request.ids[item.index]]) for item in done.computed]
+                parts = [self._run([item.request.ids[item.index]], done) for item in done.computed]
                 done.vectors = np.concatenate([p[0] for p in parts])
                 done.norms = np.concatenate([p[1] for p in parts])
         except Exception as exc:  # any runtime error fails this batch only
@@ -388,7 +418,7 @@ class Batcher:
         done.end = time.monotonic()
         return done
 
-    def _run(self, seqs: list[Sequence[int]]) -> tuple[FloatArray, FloatArray]:
+    def _run(self, seqs: list[Sequence[int]], done: _Done) -> tuple[FloatArray, FloatArray]:
         """Right-pad to the longest sequence and call the runtime once."""
         longest = max(len(s) for s in seqs)
         input_ids: IntArray = np.full((len(seqs), longest), self._pad_id, dtype=np.int64)
@@ -398,7 +428,14 @@ class Batcher:
             mask[row, : len(seq)] = 1
         if self._on_batch is not None:
             self._on_batch(len(seqs), sum(len(s) for s in seqs), input_ids.size)
-        vectors, norms = self._runtime.run(input_ids, mask)
+        tokens = self._cost.tokens(len(seqs), longest)
+        done.tokens += tokens
+        self._last_progress = time.monotonic()
+        self._running = (self._last_progress, tokens)
+        try:
+            vectors, norms = self._runtime.run(input_ids, mask)
+        finally:
+            self._running = None
         if vectors.shape[0] != len(seqs) or norms.shape[0] != len(seqs):
             raise RuntimeError(f"runtime returned {vectors.shape[0]} vectors for {len(seqs)} inputs")
         return vectors, norms

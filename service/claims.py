@@ -10,8 +10,8 @@ refused with the field named. Checked (see docs/reliability.md, "Manifest claims
 * ``tokenizer.vocab_size`` vs the tokenizer: its largest id, and the prefix/suffix/pad/eos ids,
   must be below it (token-id inputs are validated against ``vocab_size`` at run time).
 * ``tokenizer.vocab_size`` vs the graph: the rows of the table ``input_ids`` is gathered from,
-  read from the ONNX file (:mod:`service.onnx_shapes`), and a probe run with the largest id
-  (catches any table the reader could not find, on every provider that bounds-checks).
+  read from the ONNX file (:mod:`service.onnx_shapes`); when the reader finds no table, a probe
+  run with the largest id instead (on every provider that bounds-checks ``Gather``).
 * ``dim``: the width of what the graph returns for the probe.
 * ``max_input_tokens`` (the served limit, after ``--max-input-tokens``): one probe input of that
   many tokens, for families with a learned position table (BERT: ``position_embeddings`` rows).
@@ -61,8 +61,11 @@ def check_tokenizer(manifest: Manifest, tokenizer: TextTokenizer) -> None:
             )
 
 
-def check_graph_file(manifest: Manifest, directory: Path) -> None:
-    """The embedding table read from the ONNX file has a row for every id below ``vocab_size``."""
+def check_graph_file(manifest: Manifest, directory: Path) -> bool:
+    """The embedding table read from the ONNX file has a row for every id below ``vocab_size``.
+
+    Returns whether the table was found (if not, :func:`probe` checks the claim by running it).
+    """
     path = directory / manifest.graph.file
     try:
         rows = read_graph_facts(path).embedding_rows(manifest.graph.inputs[0])
@@ -71,16 +74,17 @@ def check_graph_file(manifest: Manifest, directory: Path) -> None:
         log.warning(
             "could not read the embedding table's shape from %s (%s); relying on the probe", path, exc
         )
-        return
+        return False
     if rows is None:
         log.info("no Gather of input_ids in %s; the vocabulary is checked by the probe run only", path)
-        return
+        return False
     vocab = manifest.tokenizer.vocab_size
     if rows < vocab:
         raise StartupError(
             f"manifest.json tokenizer.vocab_size={vocab} is more than the {rows} rows of the embedding "
             f"table in {manifest.graph.file}; ids {rows}..{vocab - 1} would fail in the graph. {_FIX}"
         )
+    return True
 
 
 def _run(runtime: Runtime, ids: IntArray) -> FloatArray:
@@ -88,15 +92,17 @@ def _run(runtime: Runtime, ids: IntArray) -> FloatArray:
     return vectors
 
 
-def probe(manifest: Manifest, runtime: Runtime, max_input_tokens: int) -> None:
-    """A plain run (width = ``dim``), then the highest id, then (learned positions) the longest input.
+def probe(manifest: Manifest, runtime: Runtime, max_input_tokens: int, *, vocab_checked: bool) -> None:
+    """A plain run (width = ``dim``), the highest id unless :func:`check_graph_file` already
+    checked the table, then (learned positions) the longest input.
 
     The plain run comes first so that a runtime that cannot run at all is reported as such,
     not blamed on a claim.
     """
     spec, graph = manifest.tokenizer, manifest.graph.file
     head, tail = spec.prefix_ids[:1], spec.suffix_ids[:1]
-    plain: IntArray = np.asarray([[*head, 1 if spec.pad_id != 1 else 2, *tail]], dtype=np.int64)
+    word = 1 if spec.pad_id != 1 else 2
+    plain: IntArray = np.asarray([[*head, word, *tail]], dtype=np.int64)
     try:
         vectors = _run(runtime, plain)
     except Exception as exc:
@@ -112,7 +118,8 @@ def probe(manifest: Manifest, runtime: Runtime, max_input_tokens: int) -> None:
         )
     top = spec.vocab_size - 1
     try:
-        _run(runtime, np.asarray([[*head, top, *tail]], dtype=np.int64))
+        if not vocab_checked:
+            _run(runtime, np.asarray([[*head, top, *tail]], dtype=np.int64))
     except Exception as exc:  # ORT's own error types; the claim is what is wrong
         raise StartupError(
             f"manifest.json tokenizer.vocab_size={spec.vocab_size}: {graph} cannot embed "
@@ -121,7 +128,7 @@ def probe(manifest: Manifest, runtime: Runtime, max_input_tokens: int) -> None:
     if not ABSOLUTE_POSITIONS.get(manifest.family, True):
         return
     long: IntArray = np.full((1, max_input_tokens), spec.pad_id, dtype=np.int64)
-    long[0, 0] = top
+    long[0, 0] = word
     try:
         _run(runtime, long)
     except Exception as exc:

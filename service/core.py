@@ -7,8 +7,9 @@ their wire format into :class:`~service.domain.EmbedJob` and results back; error
 
 Lifecycle: ``starting`` (bundle verified, session created, warm-up, self-test — in a thread, so
 health checks keep answering NOT_SERVING) → ``ready`` → ``draining`` (new work refused, accepted
-work finishes) → ``stopped``; ``failed`` when start-up failed. Listeners (health services,
-metrics) are told of every change.
+work finishes) → ``stopped``; ``failed`` when start-up failed; ``ready`` ⇄ ``stalled`` when the
+watchdog (:mod:`service.watchdog`) sees the runtime stop making progress (health NOT_SERVING,
+new work refused with UNAVAILABLE). Listeners (health services, metrics) are told of every change.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ from service.loader import LoadedModel, RuntimeFactory, describe_exception, load
 from service.logs import new_request_id
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
+from service.watchdog import Stall, Watchdog
 
 log = logging.getLogger("service.core")
 
 StateListener = Callable[[CoreState], None]
+# (kind, reason) when the watchdog reports a stall; None when the runtime recovered.
+StallObserver = Callable[[Stall | None], None]
 
 __all__ = ["EmbeddingCore", "RuntimeFactory", "StateListener", "ort_runtime"]
 
@@ -67,10 +71,13 @@ class EmbeddingCore:
         *,
         runtime_factory: RuntimeFactory = ort_runtime,
         on_batch: BatchObserver | None = None,
+        on_stall: StallObserver | None = None,
     ) -> None:
         self.settings = settings
         self._runtime_factory = runtime_factory
         self._on_batch = on_batch
+        self._on_stall = on_stall
+        self._watchdog: Watchdog | None = None
         self._state: CoreState = "starting"
         self._listeners: list[StateListener] = []
         self._active = 0
@@ -135,11 +142,30 @@ class EmbeddingCore:
             on_batch=self._on_batch,
         )
         self._batcher.start()
+        self._watchdog = Watchdog(
+            self._batcher.progress,
+            self._stall_changed,
+            floor_s=self.settings.watchdog_stall_s,
+            factor=self.settings.watchdog_factor,
+        )
+        self._watchdog.start()
         self._set_state("ready")
+
+    def _stall_changed(self, stall: Stall | None) -> None:
+        if self._on_stall is not None:
+            self._on_stall(stall)
+        if stall is not None:
+            log.error("health NOT_SERVING (watchdog, %s): %s", stall.kind, stall.reason)
+            if self._state == "ready":
+                self._set_state("stalled")
+        else:
+            log.warning("the runtime is making progress again; health SERVING")
+            if self._state == "stalled":
+                self._set_state("ready")
 
     async def drain(self) -> None:
         """Refuse new work (UNAVAILABLE) and wait for accepted work; callers bound the wait."""
-        if self._state == "ready":
+        if self._state in ("ready", "stalled"):
             self._set_state("draining")
         if self._batcher is not None:
             await self._batcher.drain()
@@ -148,6 +174,8 @@ class EmbeddingCore:
     async def close(self) -> None:
         if self._state not in ("failed", "stopped"):
             self._set_state("stopped")
+        if self._watchdog is not None:
+            await self._watchdog.stop()
         if self._batcher is not None:
             await self._batcher.close()
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
@@ -158,6 +186,8 @@ class EmbeddingCore:
             raise NotReady("the model is warming up; retry shortly")
         if self._state in ("draining", "stopped"):
             raise Draining("the server is shutting down; retry on another replica")
+        if self._state == "stalled":
+            raise NotReady("the runtime is not making progress (watchdog); retry on another replica")
         if self._state == "failed" or self._model is None or self._batcher is None:
             raise NotReady("the model failed to load")
         return self._model, self._batcher

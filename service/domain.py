@@ -16,7 +16,7 @@ import numpy.typing as npt
 InputType = Literal["query", "document"]
 Truncation = Literal["none", "end", "start"]
 Encoding = Literal["values", "float32", "float16", "int8", "binary"]
-CoreState = Literal["starting", "ready", "draining", "stopped", "failed"]
+CoreState = Literal["starting", "ready", "stalled", "draining", "stopped", "failed"]
 
 FloatArray = npt.NDArray[np.float32]
 

@@ -141,8 +141,7 @@ def load_model(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime
         "check the provider settings (--provider, --device-id, --trt-cache-dir) and the graph file",
     ):
         runtime = runtime_factory(settings, manifest, directory, limit)
-    check_graph_file(manifest, directory)
-    probe(manifest, runtime, limit)
+    probe(manifest, runtime, limit, vocab_checked=check_graph_file(manifest, directory))
     with stage(
         f"warm-up run of {graph}",
         "lower --max-batch-size or --max-input-tokens, or check the device's free memory",

@@ -123,7 +123,9 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
     except (ApiKeyError, TlsConfigError) as exc:
         print(f"embed-serve: error: {exc}", file=sys.stderr)
         return 2
-    core = core or EmbeddingCore(settings, on_batch=edge.metrics.observe_batch)
+    core = core or EmbeddingCore(
+        settings, on_batch=edge.metrics.observe_batch, on_stall=edge.metrics.observe_stall
+    )
     edge.observe_core(core)
     try:
         server, port = build_server(

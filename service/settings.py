@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         ge=1024**2,
         description="Predicted activation memory of one batch; larger batches split, longer inputs refused.",
     )
+    watchdog_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Health turns NOT_SERVING (liveness fails) when a runtime call runs longer than "
+        "max(this, watchdog_factor × its predicted time), or queued work starts no call for this long.",
+    )
+    watchdog_factor: float = Field(
+        default=20.0, ge=1, description="How far past its predicted time a runtime call may run (see above)."
+    )
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="Queued tokens beyond which requests get RESOURCE_EXHAUSTED."
     )

@@ -85,7 +85,12 @@ async def live_server(bundle: Path, runtime: Runtime | None = None, **overrides:
     """Core + gRPC + HTTP on 127.0.0.1 port 0, started and ready; torn down on exit."""
     settings = settings_for(bundle, **overrides)
     edge = Edge.from_settings(settings)
-    core = EmbeddingCore(settings, runtime_factory=fixed(runtime), on_batch=edge.metrics.observe_batch)
+    core = EmbeddingCore(
+        settings,
+        runtime_factory=fixed(runtime),
+        on_batch=edge.metrics.observe_batch,
+        on_stall=edge.metrics.observe_stall,
+    )
     edge.observe_core(core)
     server, port = build_server(
         settings, core, interceptors=edge.grpc_interceptors(), credentials=edge.grpc_credentials()
