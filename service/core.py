@@ -56,6 +56,8 @@ from service.watchdog import Stall, Watchdog
 log = logging.getLogger("service.core")
 
 StateListener = Callable[[CoreState], None]
+# Tokenisation jobs up to this many characters (or token ids) take the small-job lane.
+SMALL_JOB_CHARS = 16_384
 # (kind, reason) when the watchdog reports a stall; None when the runtime recovered.
 StallObserver = Callable[[Stall | None], None]
 
@@ -83,9 +85,11 @@ class EmbeddingCore:
         self._active = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
-        # Tokenisation threads: encode_batch is Rust and releases the GIL; two keep the loop free
-        # without competing with the runtime thread for the cores.
+        # Tokenisation threads: encode_batch is Rust and releases the GIL. Two lanes, so a one-word
+        # request never waits behind requests of megabytes of text: jobs up to SMALL_JOB_CHARS
+        # have a thread of their own; bigger ones share two.
         self._tok_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embed-tokenize")
+        self._tok_small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-tokenize-small")
         self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
 
@@ -179,6 +183,7 @@ class EmbeddingCore:
         if self._batcher is not None:
             await self._batcher.close()
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        self._tok_small.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------------------------
     def _admit(self) -> tuple[LoadedModel, Batcher]:
@@ -226,8 +231,10 @@ class EmbeddingCore:
         if isinstance(job, EmbedJob) and job.token_ids:
             if job.task or job.instruction:
                 raise InvalidInput("instructions apply to text inputs only, not token ids", field="task")
+            size = sum(len(ids) for ids in job.token_ids)
             call = partial(tokenizer.encode_ids, job.token_ids, truncation=job.truncation)
         else:
+            size = sum(len(text) for text in job.texts) + len(job.instruction or "")
             call = partial(
                 tokenizer.encode_texts,
                 job.texts,
@@ -236,7 +243,8 @@ class EmbeddingCore:
                 instruction=job.instruction,
                 truncation=job.truncation,
             )
-        return await loop.run_in_executor(self._tok_pool, call)
+        pool = self._tok_small if size <= SMALL_JOB_CHARS else self._tok_pool
+        return await loop.run_in_executor(pool, call)
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         """Validate, tokenise (thread), batch, run (worker thread), post-process.

@@ -26,6 +26,10 @@ from service.errors import InputTooLong, InvalidInput, UnknownTask
 
 TEXT = "{text}"
 TASK = "{task}"
+# Truncation NONE: a rendered text longer than this many characters per allowed token is first
+# tokenised only up to a cut (see ``_too_long``), so an input far past the limit is refused
+# without tokenising all of it.
+PRECHECK_CHARS_PER_TOKEN = 4
 
 
 class TextTokenizer:
@@ -116,12 +120,38 @@ class TextTokenizer:
     ) -> list[Tokenized]:
         resolved = self.resolve_instruction(input_type, task, instruction)
         rendered = [self._render(t, resolved) for t in texts]
-        encodings = self._tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         mode = truncation or self.default_truncation
+        if mode == "none":
+            self._refuse_too_long([r[0] for r in rendered])
+        encodings = self._tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         return [
             self._fit(enc.ids, _protected(enc, start, end, len(full)), mode, index)
             for index, (enc, (full, start, end)) in enumerate(zip(encodings, rendered, strict=True))
         ]
+
+    def _refuse_too_long(self, texts: Sequence[str]) -> None:
+        """Refuse an over-limit input from a prefix of it, before tokenising it whole.
+
+        The prefix ends just before a space that follows a non-space character: every
+        pre-tokenizer in use (BERT's whitespace/punctuation split, the byte-level BPE regex of
+        gte-Qwen2) starts a new piece there, so the prefix's pieces are the full text's first pieces
+        and its token count is a lower bound of the full count. Only a count *above* the limit
+        refuses; anything else falls through to the exact path, so nothing admissible is refused.
+        """
+        window = PRECHECK_CHARS_PER_TOKEN * (self.max_content + 1)
+        cuts = {i: _cut(text, window) for i, text in enumerate(texts) if len(text) > window}
+        cuts = {i: cut for i, cut in cuts.items() if cut > 0}
+        if not cuts:
+            return
+        heads = self._tok.encode_batch([texts[i][:cut] for i, cut in cuts.items()], add_special_tokens=False)
+        for index, enc in zip(cuts, heads, strict=True):
+            if len(enc.ids) > self.max_content:
+                total = len(enc.ids) + len(self.prefix) + len(self.suffix)
+                raise InputTooLong(
+                    f"input {index} has at least {total} tokens, more than the limit of "
+                    f"{self.max_input_tokens}; shorten it or ask for truncation END or START",
+                    field=f"inputs[{index}]",
+                )
 
     def encode_ids(
         self, id_lists: Sequence[Sequence[int]], *, truncation: Truncation | None = None
@@ -166,6 +196,15 @@ class TextTokenizer:
 
     def tokens(self, ids: Sequence[int]) -> tuple[str, ...]:
         return tuple(self._tok.id_to_token(i) or "" for i in ids)
+
+
+def _cut(text: str, window: int) -> int:
+    """Where to cut ``text`` for the prefix check: the last ``" "`` after a non-space within
+    ``window`` (and past its first half); 0 when there is none (no prefix check)."""
+    at = text.rfind(" ", window // 2, window)
+    while at > window // 2 and text[at - 1].isspace():
+        at = text.rfind(" ", window // 2, at)
+    return at if at > window // 2 else 0
 
 
 def _protected(enc: HfEncoding, start: int, end: int, length: int) -> tuple[int, int]:
