@@ -20,10 +20,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.domain import Truncation
+
 ENV_PREFIX = "EMBED_"
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
-Truncation = Literal["none", "end", "start"]
 
 
 class Settings(BaseSettings):
