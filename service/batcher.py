@@ -31,10 +31,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.batch_items import BatchOutput, Done, Item, Request
 from service.cost import CostModel, batch_cost
 from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
@@ -56,59 +56,6 @@ def may_share_batch(shortest: int, longest: int) -> bool:
     that a separate runtime call is cheaper than padding, especially with quadratic attention.
     """
     return longest <= 2 * shortest or longest - shortest <= 16
-
-
-@dataclass(frozen=True)
-class BatchOutput:
-    """A request's vectors in input order, plus where its time went."""
-
-    vectors: FloatArray  # [n, dim], L2-normalised
-    norms: FloatArray  # [n]
-    queue_ms: float
-    inference_ms: float
-
-
-@dataclass(eq=False)
-class _Request:
-    ids: Sequence[Sequence[int]]
-    future: asyncio.Future[BatchOutput]
-    deadline: float | None
-    admitted: float
-    remaining: int
-    request_id: str = ""
-    items: list[_Item] = field(default_factory=list)
-    vectors: FloatArray | None = None
-    norms: FloatArray | None = None
-    first_start: float | None = None
-    last_end: float = 0.0
-    # Set on the event loop, read by the worker thread: a plain bool is enough (GIL, monotonic).
-    dropped: bool = False
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-
-@dataclass(eq=False)
-class _Item:
-    request: _Request
-    index: int
-    length: int
-    seq: int
-    gone: bool = False  # taken into a batch or dropped (PendingQueue bookkeeping)
-
-
-@dataclass
-class _Done:
-    """What the worker hands back for one batch."""
-
-    computed: list[_Item] = field(default_factory=list)
-    expired: list[_Item] = field(default_factory=list)
-    vectors: FloatArray | None = None
-    norms: FloatArray | None = None
-    error: BaseException | None = None
-    start: float = 0.0
-    end: float = 0.0
-    tokens: int = 0  # cost-model tokens of the runtime call(s)
 
 
 # (inputs, real tokens, padded tokens); called from the worker thread, so it must be thread-safe.
@@ -142,7 +89,7 @@ class Batcher:
         self._pad_id = pad_id
         self._batch_invariant = batch_invariant
         self._on_batch = on_batch
-        self._pending: PendingQueue[_Item] = PendingQueue()
+        self._pending: PendingQueue[Item] = PendingQueue()
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
@@ -199,14 +146,12 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
-        request = _Request(
-            ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id
-        )
+        request = Request(ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id)
         request.future.add_done_callback(functools.partial(self._on_done, request))
         if not self._pending and self._in_flight == 0:
             self._last_progress = now  # idle time is not a stall
         for index, seq_ids in enumerate(ids):
-            item = _Item(request, index, len(seq_ids), next(self._seq))
+            item = Item(request, index, len(seq_ids), next(self._seq))
             request.items.append(item)
             self._pending.add(item)
         self._idle.clear()
@@ -265,7 +210,7 @@ class Batcher:
     def _full(self) -> bool:
         return len(self._pending) >= self.max_batch_size or self._pending.tokens >= self.max_batch_tokens
 
-    def _form(self) -> list[_Item]:
+    def _form(self) -> list[Item]:
         """Oldest live input first, then the nearest lengths that fit the budget and may share."""
         now = time.monotonic()
         oldest = self._pending.oldest()
@@ -310,7 +255,7 @@ class Batcher:
             take -= 1
         return 0
 
-    def _dead(self, item: _Item, now: float) -> bool:
+    def _dead(self, item: Item, now: float) -> bool:
         """Drop a queued input whose request was cancelled, failed or ran out of time."""
         request = item.request
         if request.dropped or request.future.done():
@@ -321,11 +266,11 @@ class Batcher:
             return True
         return False
 
-    def _on_done(self, request: _Request, future: asyncio.Future[BatchOutput]) -> None:
+    def _on_done(self, request: Request, future: asyncio.Future[BatchOutput]) -> None:
         if future.cancelled():  # the client went away: free its queue space now
             self._fail(request, None)
 
-    def _finished(self, batch: list[_Item], future: asyncio.Future[_Done]) -> None:
+    def _finished(self, batch: list[Item], future: asyncio.Future[Done]) -> None:
         self._slots.release()
         self._in_flight -= 1
         self._last_progress = time.monotonic()
@@ -357,7 +302,7 @@ class Batcher:
                 self._deliver(item, done.vectors[row], done.norms[row], done)
         self._check_idle()
 
-    def _deliver(self, item: _Item, vector: FloatArray, norm: np.float32, done: _Done) -> None:
+    def _deliver(self, item: Item, vector: FloatArray, norm: np.float32, done: Done) -> None:
         request = item.request
         if request.future.done():
             return
@@ -381,7 +326,7 @@ class Batcher:
                 )
             )
 
-    def _fail(self, request: _Request, error: EmbeddingError | None) -> None:
+    def _fail(self, request: Request, error: EmbeddingError | None) -> None:
         """Fail a request (``None``: it was cancelled) and remove its inputs still queued."""
         request.dropped = True
         for item in request.items:
@@ -394,8 +339,8 @@ class Batcher:
             self._idle.set()
 
     # --- compute (worker thread) -------------------------------------------------------------
-    def _compute(self, batch: list[_Item]) -> _Done:
-        done = _Done()
+    def _compute(self, batch: list[Item]) -> Done:
+        done = Done()
         now = time.monotonic()
         for item in batch:
             if item.request.dropped:
@@ -418,7 +363,7 @@ class Batcher:
         done.end = time.monotonic()
         return done
 
-    def _run(self, seqs: list[Sequence[int]], done: _Done) -> tuple[FloatArray, FloatArray]:
+    def _run(self, seqs: list[Sequence[int]], done: Done) -> tuple[FloatArray, FloatArray]:
         """Right-pad to the longest sequence and call the runtime once."""
         longest = max(len(s) for s in seqs)
         input_ids: IntArray = np.full((len(seqs), longest), self._pad_id, dtype=np.int64)
