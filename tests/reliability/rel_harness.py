@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bundle.manifest import Manifest
 from service.core import EmbeddingCore, ort_runtime
 from service.edge import Edge
+from service.errors import StartupError
 from service.http import HttpServer
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import Runtime
@@ -105,6 +106,25 @@ async def live_server(bundle: Path, runtime: Runtime | None = None, **overrides:
             await http.stop()
         await server.stop(0)
         await core.close()
+
+
+async def refused_start(
+    settings: Settings, fragments: Sequence[str], runtime_factory: RuntimeFactory = ort_runtime
+) -> str:
+    """Start a core that must fail: the StartupError names every fragment; state ``failed``."""
+    core = EmbeddingCore(settings, runtime_factory=runtime_factory)
+    try:
+        await core.start()
+    except StartupError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("start-up succeeded")
+    finally:
+        await core.close()
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert core.state == "failed"
+    return message
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from rel_harness import grpc_channel, live_server, settings_for, stubs
+from rel_harness import grpc_channel, live_server, refused_start, settings_for, stubs
 from rel_toy import DIM, MAX_TOKENS, VOCAB, build_toy_bundle, edit_manifest
 
 from service.core import EmbeddingCore
@@ -63,13 +63,7 @@ async def test_lying_manifest_is_refused(
 ) -> None:
     bundle = _copy(positional_bundle, tmp_path)
     edit_manifest(bundle, _set(field, value))
-    core = EmbeddingCore(settings_for(bundle))
-    with pytest.raises(StartupError) as err:
-        await core.start()
-    await core.close()
-    for fragment in fragments:
-        assert fragment in str(err.value), (fragment, str(err.value))
-    assert core.state == "failed"
+    await refused_start(settings_for(bundle), fragments)
 
 
 async def test_vocab_past_table_is_caught_by_the_probe_when_the_file_says_nothing(

@@ -16,11 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from rel_harness import fixed, run_embed_serve, settings_for
+from rel_harness import fixed, refused_start, run_embed_serve, settings_for
 from rel_toy import CountingRuntime, rehash
-
-from service.core import EmbeddingCore
-from service.errors import StartupError
 
 
 def garbage_tokenizer(bundle: Path) -> None:
@@ -111,12 +108,5 @@ async def test_every_startup_failure_names_what_and_how(toy_copy: Path, tmp_path
     plan = damage(toy_copy, tmp_path)
     settings = settings_for(toy_copy, **plan.get("settings", {}))
     factory = plan.get("factory") or fixed(plan.get("runtime"))
-    core = EmbeddingCore(settings, runtime_factory=factory)
-    with pytest.raises(StartupError) as err:
-        await core.start()
-    await core.close()
-    message = str(err.value)
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
+    message = await refused_start(settings, fragments, factory)
     assert "unexpected" not in message and "Errno" not in message, message
-    assert core.state == "failed"
