@@ -58,6 +58,25 @@ log = logging.getLogger("service.core")
 StateListener = Callable[[CoreState], None]
 # Tokenisation jobs up to this many characters (or token ids) take the small-job lane.
 SMALL_JOB_CHARS = 16_384
+# Bigger text jobs are tokenised in chunks of about this many characters, one chunk of each job
+# in the big-job lane's queue at a time: jobs take turns instead of waiting for whole requests.
+CHUNK_CHARS = 65_536
+
+
+def chunks(texts: tuple[str, ...], limit: int = CHUNK_CHARS) -> list[tuple[int, tuple[str, ...]]]:
+    """Consecutive runs of ``texts`` of about ``limit`` characters: (index of the first, texts)."""
+    out: list[tuple[int, tuple[str, ...]]] = []
+    start, size = 0, 0
+    for index, text in enumerate(texts):
+        if index > start and size + len(text) > limit:
+            out.append((start, texts[start:index]))
+            start, size = index, 0
+        size += len(text)
+    if start < len(texts):
+        out.append((start, texts[start:]))
+    return out
+
+
 # (kind, reason) when the watchdog reports a stall; None when the runtime recovered.
 StallObserver = Callable[[Stall | None], None]
 
@@ -231,20 +250,22 @@ class EmbeddingCore:
         if isinstance(job, EmbedJob) and job.token_ids:
             if job.task or job.instruction:
                 raise InvalidInput("instructions apply to text inputs only, not token ids", field="task")
-            size = sum(len(ids) for ids in job.token_ids)
+            small = sum(len(ids) for ids in job.token_ids) <= SMALL_JOB_CHARS
             call = partial(tokenizer.encode_ids, job.token_ids, truncation=job.truncation)
-        else:
-            size = sum(len(text) for text in job.texts) + len(job.instruction or "")
-            call = partial(
-                tokenizer.encode_texts,
-                job.texts,
-                input_type=job.input_type,
-                task=job.task,
-                instruction=job.instruction,
-                truncation=job.truncation,
-            )
-        pool = self._tok_small if size <= SMALL_JOB_CHARS else self._tok_pool
-        return await loop.run_in_executor(pool, call)
+            return await loop.run_in_executor(self._tok_small if small else self._tok_pool, call)
+        encode = partial(
+            tokenizer.encode_texts,
+            input_type=job.input_type,
+            task=job.task,
+            instruction=job.instruction,
+            truncation=job.truncation,
+        )
+        if sum(len(text) for text in job.texts) + len(job.instruction or "") <= SMALL_JOB_CHARS:
+            return await loop.run_in_executor(self._tok_small, partial(encode, job.texts))
+        out: list[Tokenized] = []
+        for first, part in chunks(job.texts):  # one chunk queued per job: jobs take turns
+            out += await loop.run_in_executor(self._tok_pool, partial(encode, part, first_index=first))
+        return out
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         """Validate, tokenise (thread), batch, run (worker thread), post-process.

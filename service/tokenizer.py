@@ -117,19 +117,21 @@ class TextTokenizer:
         task: str | None = None,
         instruction: str | None = None,
         truncation: Truncation | None = None,
+        first_index: int = 0,
     ) -> list[Tokenized]:
+        """``first_index``: the request index of ``texts[0]`` (a request tokenised in chunks)."""
         resolved = self.resolve_instruction(input_type, task, instruction)
         rendered = [self._render(t, resolved) for t in texts]
         mode = truncation or self.default_truncation
         if mode == "none":
-            self._refuse_too_long([r[0] for r in rendered])
+            self._refuse_too_long([r[0] for r in rendered], first_index)
         encodings = self._tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         return [
-            self._fit(enc.ids, _protected(enc, start, end, len(full)), mode, index)
+            self._fit(enc.ids, _protected(enc, start, end, len(full)), mode, first_index + index)
             for index, (enc, (full, start, end)) in enumerate(zip(encodings, rendered, strict=True))
         ]
 
-    def _refuse_too_long(self, texts: Sequence[str]) -> None:
+    def _refuse_too_long(self, texts: Sequence[str], first_index: int) -> None:
         """Refuse an over-limit input from a prefix of it, before tokenising it whole.
 
         The prefix ends just before a space that follows a non-space character: every
@@ -144,7 +146,8 @@ class TextTokenizer:
         if not cuts:
             return
         heads = self._tok.encode_batch([texts[i][:cut] for i, cut in cuts.items()], add_special_tokens=False)
-        for index, enc in zip(cuts, heads, strict=True):
+        for position, enc in zip(cuts, heads, strict=True):
+            index = first_index + position
             if len(enc.ids) > self.max_content:
                 total = len(enc.ids) + len(self.prefix) + len(self.suffix)
                 raise InputTooLong(

@@ -19,7 +19,7 @@ import pytest
 from rel_harness import live_server
 from rel_toy import MAX_TOKENS
 
-from service.core import SMALL_JOB_CHARS, EmbeddingCore
+from service.core import SMALL_JOB_CHARS, EmbeddingCore, chunks
 from service.domain import EmbedJob
 from service.errors import InputTooLong
 from service.tokenizer import TextTokenizer
@@ -30,19 +30,27 @@ GUARD_S = 30.0
 class SpyTokenizer:
     """Delegates to the real tokenizer; records encoded characters; holds big batches on a gate."""
 
-    def __init__(self, real: Any, hold_above_chars: int | None = None) -> None:
+    def __init__(
+        self, real: Any, hold_above_chars: int | None = None, hold_first_of: Sequence[str] = ()
+    ) -> None:
         self._real = real
         self.encoded_chars = 0
         self.lock = threading.Lock()
         self.hold_above = hold_above_chars
+        self.hold_first_of = set(hold_first_of)  # hold the first call whose first text starts so
         self.gate = threading.Event()
         self.held = 0
+        self.calls: list[str] = []  # first word of each call's first text, in call order
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool) -> Any:
         size = sum(len(t) for t in texts)
+        tag = texts[0].split(" ", 1)[0] if texts else ""
         with self.lock:
             self.encoded_chars += size
-        if self.hold_above is not None and size > self.hold_above:
+            self.calls.append(tag)
+            first = tag in self.hold_first_of
+            self.hold_first_of.discard(tag)
+        if first or (self.hold_above is not None and size > self.hold_above):
             with self.lock:
                 self.held += 1
             self.gate.wait(GUARD_S)
@@ -79,6 +87,13 @@ async def test_over_limit_inputs_are_refused_without_tokenising_them_whole(rel_t
         # … and one token past it is refused exactly as before, on the exact path.
         with pytest.raises(InputTooLong, match=f"has {MAX_TOKENS + 1} tokens"):
             await live.core.embed(EmbedJob(texts=(fits + " w2",), truncation="none"))
+        # A request tokenised in chunks names the input by its index in the request.
+        texts = [padded + " " * 8000] * 40
+        texts[27] = huge
+        with pytest.raises(InputTooLong) as err:
+            await live.core.embed(EmbedJob(texts=tuple(texts), truncation="none"))
+        assert err.value.field == "inputs[27]", err.value.message
+        assert len(chunks(tuple(texts))) > 3
 
 
 @pytest.mark.asyncio
@@ -103,6 +118,41 @@ async def test_small_request_does_not_wait_behind_huge_tokenisation(rel_toy_bund
             spy.gate.set()
         for task in big:
             assert len((await task).vectors) == 4
+
+
+@pytest.mark.asyncio
+async def test_big_jobs_take_turns_with_each_other(rel_toy_bundle: Path) -> None:
+    """Jobs too big for the small lane are tokenised in chunks and take turns in the big lane."""
+
+    def text(tag: str) -> str:
+        return " ".join([tag] * 1600)  # 8k characters
+
+    async with live_server(rel_toy_bundle) as live:
+        spy = spy_on(live.core, hold_first_of=("w400", "w401"))
+
+        def job(tag: str, count: int) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(
+                live.core.embed(EmbedJob(texts=(text(tag),) * count, truncation="end"))
+            )
+
+        a, b = job("w400", 80), job("w401", 80)  # about 10 chunks each
+        loop = asyncio.get_running_loop()
+        end = loop.time() + GUARD_S
+        while spy.held < 2:  # the first chunk of each holds both big-lane threads
+            assert loop.time() < end, "the big jobs never reached the tokenizer"
+            await asyncio.sleep(0.01)
+        medium = job("w402", 3)  # 24k characters: the big-job lane
+        pool = live.core._tok_pool
+        while pool._work_queue.qsize() < 1:  # type: ignore[attr-defined]
+            assert loop.time() < end, "the medium job was never queued"
+            await asyncio.sleep(0.01)
+        spy.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(a, b, medium), GUARD_S)
+        assert [len(r.vectors) for r in results] == [80, 80, 3]
+        calls = [tag for tag in spy.calls if tag in ("w400", "w401", "w402")]
+        last_a = len(calls) - 1 - calls[::-1].index("w400")
+        last_b = len(calls) - 1 - calls[::-1].index("w401")
+        assert calls.index("w402") < min(last_a, last_b), calls
 
 
 def _real_tokenizers() -> list[Any]:
