@@ -27,9 +27,11 @@ from service.errors import InputTooLong, InvalidInput, UnknownTask
 TEXT = "{text}"
 TASK = "{task}"
 # Truncation NONE: a rendered text longer than this many characters per allowed token is first
-# tokenised only up to a cut (see ``_too_long``), so an input far past the limit is refused
-# without tokenising all of it.
-PRECHECK_CHARS_PER_TOKEN = 4
+# tokenised only up to a cut between half and all of that window (see ``_refuse_too_long``), so
+# an input far past the limit is refused without tokenising all of it. English runs at 4–5
+# characters per token (WordPiece and byte-level BPE alike), so the cut, at 8 or more characters
+# per allowed token, holds more tokens than the limit for any text of up to 8 characters a token.
+PRECHECK_CHARS_PER_TOKEN = 16
 
 
 class TextTokenizer:

@@ -22,7 +22,7 @@ from rel_toy import MAX_TOKENS
 from service.core import SMALL_JOB_CHARS, EmbeddingCore, chunks
 from service.domain import EmbedJob
 from service.errors import InputTooLong
-from service.tokenizer import TextTokenizer
+from service.tokenizer import PRECHECK_CHARS_PER_TOKEN, TextTokenizer
 
 GUARD_S = 30.0
 
@@ -71,7 +71,7 @@ def spy_on(core: EmbeddingCore, **kwargs: Any) -> SpyTokenizer:
 
 @pytest.mark.asyncio
 async def test_over_limit_inputs_are_refused_without_tokenising_them_whole(rel_toy_bundle: Path) -> None:
-    huge = " ".join(f"w{i % 500}" for i in range(20_000))  # 20k tokens, ~110k characters
+    huge = " ".join(f"w{100 + i % 400}" for i in range(20_000))  # 20k tokens, 5 characters each
     async with live_server(rel_toy_bundle) as live:
         spy = spy_on(live.core)
         with pytest.raises(InputTooLong) as err:
@@ -81,7 +81,8 @@ async def test_over_limit_inputs_are_refused_without_tokenising_them_whole(rel_t
         assert spy.encoded_chars < sent // 100, (spy.encoded_chars, sent)
         # Under the limit is still admitted (the prefix check only refuses a count above it) …
         fits = " ".join(["w1"] * (MAX_TOKENS - 2))
-        padded = fits + " " * (8 * MAX_TOKENS)  # long in characters, short in tokens
+        padded = ("w1" + " " * 40) * (MAX_TOKENS - 2)  # long in characters, short in tokens
+        assert len(padded) > PRECHECK_CHARS_PER_TOKEN * MAX_TOKENS  # takes the prefix check
         result = await live.core.embed(EmbedJob(texts=(fits, padded), truncation="none"))
         assert [t.token_count for t in result.inputs] == [MAX_TOKENS, MAX_TOKENS]
         # … and one token past it is refused exactly as before, on the exact path.
