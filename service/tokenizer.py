@@ -32,6 +32,7 @@ TASK = "{task}"
 # characters per token (WordPiece and byte-level BPE alike), so the cut, at 8 or more characters
 # per allowed token, holds more tokens than the limit for any text of up to 8 characters a token.
 PRECHECK_CHARS_PER_TOKEN = 16
+PRECHECK_GROUP = 8  # prefixes tokenised per call: small enough to stop early, big enough to batch
 
 
 class TextTokenizer:
@@ -143,15 +144,20 @@ class TextTokenizer:
         refuses; anything else falls through to the exact path, so nothing admissible is refused.
         """
         window = PRECHECK_CHARS_PER_TOKEN * (self.max_content + 1)
-        cuts = {i: _cut(text, window) for i, text in enumerate(texts) if len(text) > window}
-        cuts = {i: cut for i, cut in cuts.items() if cut > 0}
-        if not cuts:
-            return
-        heads = self._tok.encode_batch([texts[i][:cut] for i, cut in cuts.items()], add_special_tokens=False)
-        for position, enc in zip(cuts, heads, strict=True):
-            index = first_index + position
-            if len(enc.ids) > self.max_content:
-                total = len(enc.ids) + len(self.prefix) + len(self.suffix)
+        cuts = [(i, _cut(text, window)) for i, text in enumerate(texts) if len(text) > window]
+        cuts = [(i, cut) for i, cut in cuts if cut > 0]
+        for start in range(0, len(cuts), PRECHECK_GROUP):  # stop at the first group that refuses
+            group = cuts[start : start + PRECHECK_GROUP]
+            heads = self._tok.encode_batch([texts[i][:cut] for i, cut in group], add_special_tokens=False)
+            self._refuse_over(
+                [(first_index + i, len(enc.ids)) for (i, _), enc in zip(group, heads, strict=True)]
+            )
+
+    def _refuse_over(self, counts: Sequence[tuple[int, int]]) -> None:
+        """(request index, lower bound of its content tokens): refuse the first over the limit."""
+        for index, content in counts:
+            if content > self.max_content:
+                total = content + len(self.prefix) + len(self.suffix)
                 raise InputTooLong(
                     f"input {index} has at least {total} tokens, more than the limit of "
                     f"{self.max_input_tokens}; shorten it or ask for truncation END or START",
