@@ -56,6 +56,8 @@ from service.watchdog import Stall, Watchdog
 log = logging.getLogger("service.core")
 
 StateListener = Callable[[CoreState], None]
+# The watchdog's verdict changed: a Stall (kind, reason), or None when the runtime recovered.
+StallObserver = Callable[[Stall | None], None]
 # Tokenisation jobs up to this many characters (or token ids) take the small-job lane.
 SMALL_JOB_CHARS = 16_384
 # Bigger text jobs are tokenised in chunks of about this many characters, one chunk of each job
@@ -76,9 +78,6 @@ def chunks(texts: tuple[str, ...], limit: int = CHUNK_CHARS) -> list[tuple[int, 
         out.append((start, texts[start:]))
     return out
 
-
-# (kind, reason) when the watchdog reports a stall; None when the runtime recovered.
-StallObserver = Callable[[Stall | None], None]
 
 __all__ = ["EmbeddingCore", "RuntimeFactory", "StateListener", "ort_runtime"]
 
@@ -141,7 +140,7 @@ class EmbeddingCore:
         """Verify and load the bundle, warm up, self-test, then serve. Raises StartupError."""
         try:
             model = await asyncio.to_thread(load_model, self.settings, self._runtime_factory)
-        except (BundleError, StartupError, ValueError, OSError) as exc:
+        except (BundleError, StartupError) as exc:  # these name their file or setting already
             self._set_state("failed")
             raise StartupError(str(exc)) from exc
         except Exception as exc:  # a step outside every stage (a bug): still say where to look

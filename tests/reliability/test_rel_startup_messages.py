@@ -110,3 +110,18 @@ async def test_every_startup_failure_names_what_and_how(toy_copy: Path, tmp_path
     factory = plan.get("factory") or fixed(plan.get("runtime"))
     message = await refused_start(settings, fragments, factory)
     assert "unexpected" not in message and "Errno" not in message, message
+
+
+@pytest.mark.asyncio
+async def test_failure_outside_every_stage_still_names_the_bundle(
+    toy_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare ValueError/OSError from code outside the named stages (a bug) is not passed on raw."""
+    import service.loader
+
+    def broken(*_: object) -> None:
+        raise OSError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(service.loader, "check_tokenizer", broken)
+    message = await refused_start(settings_for(toy_copy), [str(toy_copy), "traceback is in the log"])
+    assert "File exists" in message and "Errno" not in message, message
