@@ -16,8 +16,8 @@ import numpy.typing as npt
 from bundle.manifest import InputType as InputType  # one definition, shared with the export
 
 Truncation = Literal["none", "end", "start"]
+# The one list of encodings; the gRPC servicer maps its enum onto these names (``ENCODINGS``).
 Encoding = Literal["values", "float32", "float16", "int8", "binary"]
-ENCODINGS: tuple[Encoding, ...] = get_args(Encoding)
 CoreState = Literal["starting", "ready", "stalled", "draining", "stopped", "failed"]
 
 FloatArray = npt.NDArray[np.float32]
@@ -172,4 +172,4 @@ class ModelInfo:
     self_test: SelfTestResult
     batch_invariant: bool
     matryoshka: bool
-    encodings: tuple[Encoding, ...] = ENCODINGS
+    encodings: tuple[Encoding, ...] = get_args(Encoding)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import get_args
 
 import bundle.manifest as manifest
 import service.domain as domain
 import service.errors as errors
 import service.settings as settings
-from service import batcher, encoding, selftest
+from service import batcher, encoding, selftest, servicer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,8 +46,11 @@ def test_shared_literals_and_tables_have_one_definition() -> None:
         "StartupError": "service/errors.py",
     }.items():
         assert [p for p, names in defined.items() if name in names] == [home], name
-    assert not hasattr(encoding, "ENCODINGS")
-    assert domain.ModelInfo.__dataclass_fields__["encodings"].default == domain.ENCODINGS
+    # ENCODINGS is the servicer's enum → name map only; the names are the Encoding literal.
+    assert [p for p, names in defined.items() if "ENCODINGS" in names] == ["service/servicer.py"]
+    assert not hasattr(encoding, "ENCODINGS") and not hasattr(domain, "ENCODINGS")
+    assert domain.ModelInfo.__dataclass_fields__["encodings"].default == get_args(domain.Encoding)
+    assert set(servicer.ENCODINGS.values()) == set(get_args(domain.Encoding))
 
 
 def test_export_gate_uses_the_shared_cosine_bounds() -> None:
