@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +26,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bundle.manifest import Manifest
-from service.core import EmbeddingCore, ort_runtime
+from service.core import EmbeddingCore
 from service.edge import Edge
 from service.errors import StartupError
 from service.http import HttpServer
+from service.loader import RuntimeFactory, ort_runtime
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server import build_server
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
