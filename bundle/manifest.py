@@ -22,6 +22,13 @@ Pooling = Literal["last_token", "mean", "cls"]
 Precision = Literal["fp32", "fp16", "int8"]
 InputType = Literal["query", "document"]
 
+# The cosine to the reference a vector must reach, by the weakest precision in play: export
+# validation gates a bundle with it (export/validate.py) and the served self-test holds the golden
+# vectors to it (service/selftest.py), so a bundle that passed export passes start-up on the same
+# precision. bf16 is not a bundle precision but TensorRT may compute in it. fp32 leaves room for
+# TF32 / kernel-order differences.
+COSINE_BOUND: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, "int8": 0.99}
+
 
 class BundleError(Exception):
     """A bundle cannot be used: missing, malformed, tampered or inconsistent. Says which file."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bundle.manifest import Precision
+from bundle.manifest import COSINE_BOUND, Precision
 from export.errors import ValidationFailed
 from export.reference import Reference
 
@@ -34,9 +34,9 @@ class Tolerance:
 
 
 TOLERANCES: dict[Precision, Tolerance] = {
-    "fp32": Tolerance(max_abs=1e-4, min_cos=0.9999, min_batch_cos=0.9999),
-    "fp16": Tolerance(max_abs=None, min_cos=0.999, min_batch_cos=0.9999),
-    "int8": Tolerance(max_abs=None, min_cos=0.99, min_batch_cos=0.999),
+    "fp32": Tolerance(max_abs=1e-4, min_cos=COSINE_BOUND["fp32"], min_batch_cos=0.9999),
+    "fp16": Tolerance(max_abs=None, min_cos=COSINE_BOUND["fp16"], min_batch_cos=0.9999),
+    "int8": Tolerance(max_abs=None, min_cos=COSINE_BOUND["int8"], min_batch_cos=0.999),
 }
 BATCH_SIZES = (3, 8)
 

@@ -31,17 +31,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.batch_items import BatchOutput, Done, Item, Request
 from service.cost import CostModel, batch_cost
 from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
 from service.pending import PendingQueue
 from service.runtime import IntArray, Runtime
+from service.watchdog import Progress
 
-__all__ = ["BatchObserver", "BatchOutput", "Batcher", "batch_cost", "may_share_batch"]
+__all__ = ["BatchObserver", "BatchOutput", "Batcher", "Progress", "batch_cost", "may_share_batch"]
 
 log = logging.getLogger("service.batcher")
 
@@ -57,60 +58,10 @@ def may_share_batch(shortest: int, longest: int) -> bool:
     return longest <= 2 * shortest or longest - shortest <= 16
 
 
-@dataclass(frozen=True)
-class BatchOutput:
-    """A request's vectors in input order, plus where its time went."""
-
-    vectors: FloatArray  # [n, dim], L2-normalised
-    norms: FloatArray  # [n]
-    queue_ms: float
-    inference_ms: float
-
-
-@dataclass(eq=False)
-class _Request:
-    ids: Sequence[Sequence[int]]
-    future: asyncio.Future[BatchOutput]
-    deadline: float | None
-    admitted: float
-    remaining: int
-    request_id: str = ""
-    items: list[_Item] = field(default_factory=list)
-    vectors: FloatArray | None = None
-    norms: FloatArray | None = None
-    first_start: float | None = None
-    last_end: float = 0.0
-    # Set on the event loop, read by the worker thread: a plain bool is enough (GIL, monotonic).
-    dropped: bool = False
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-
-@dataclass(eq=False)
-class _Item:
-    request: _Request
-    index: int
-    length: int
-    seq: int
-    gone: bool = False  # taken into a batch or dropped (PendingQueue bookkeeping)
-
-
-@dataclass
-class _Done:
-    """What the worker hands back for one batch."""
-
-    computed: list[_Item] = field(default_factory=list)
-    expired: list[_Item] = field(default_factory=list)
-    vectors: FloatArray | None = None
-    norms: FloatArray | None = None
-    error: BaseException | None = None
-    start: float = 0.0
-    end: float = 0.0
-
-
 # (inputs, real tokens, padded tokens); called from the worker thread, so it must be thread-safe.
 BatchObserver = Callable[[int, int, int], None]
+
+_RATE_WEIGHT = 0.2  # EWMA weight of the newest batch in the learned seconds-per-token
 
 
 class Batcher:
@@ -138,7 +89,7 @@ class Batcher:
         self._pad_id = pad_id
         self._batch_invariant = batch_invariant
         self._on_batch = on_batch
-        self._pending: PendingQueue[_Item] = PendingQueue()
+        self._pending: PendingQueue[Item] = PendingQueue()
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
@@ -148,7 +99,10 @@ class Batcher:
         self._slots = asyncio.Semaphore(PIPELINE_SLOTS)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-runtime")
         self._task: asyncio.Task[None] | None = None
-        self.runtime_calls = 0
+        # Written by the worker thread, read by the watchdog on the loop: single assignments.
+        self._running: tuple[float, int] | None = None  # (started, cost-model tokens)
+        self._seconds_per_token: float | None = None
+        self._last_progress = time.monotonic()
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -158,6 +112,19 @@ class Batcher:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    def progress(self) -> Progress:
+        """A snapshot for the watchdog: is the runtime making progress on the work it holds?"""
+        now = time.monotonic()
+        running = self._running
+        rate = self._seconds_per_token
+        has_work = bool(self._pending) or self._in_flight > 0
+        return Progress(
+            scheduler_alive=self._task is None or not self._task.done() or self._closing,
+            running_for=None if running is None else now - running[0],
+            predicted_s=None if running is None or rate is None else rate * running[1],
+            stuck_for=now - self._last_progress if has_work and running is None else 0.0,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -179,12 +146,12 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded("deadline passed before the request was queued")
-        request = _Request(
-            ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id
-        )
+        request = Request(ids, loop.create_future(), deadline, now, remaining=len(ids), request_id=request_id)
         request.future.add_done_callback(functools.partial(self._on_done, request))
+        if not self._pending and self._in_flight == 0:
+            self._last_progress = now  # idle time is not a stall
         for index, seq_ids in enumerate(ids):
-            item = _Item(request, index, len(seq_ids), next(self._seq))
+            item = Item(request, index, len(seq_ids), next(self._seq))
             request.items.append(item)
             self._pending.add(item)
         self._idle.clear()
@@ -243,7 +210,7 @@ class Batcher:
     def _full(self) -> bool:
         return len(self._pending) >= self.max_batch_size or self._pending.tokens >= self.max_batch_tokens
 
-    def _form(self) -> list[_Item]:
+    def _form(self) -> list[Item]:
         """Oldest live input first, then the nearest lengths that fit the budget and may share."""
         now = time.monotonic()
         oldest = self._pending.oldest()
@@ -288,7 +255,7 @@ class Batcher:
             take -= 1
         return 0
 
-    def _dead(self, item: _Item, now: float) -> bool:
+    def _dead(self, item: Item, now: float) -> bool:
         """Drop a queued input whose request was cancelled, failed or ran out of time."""
         request = item.request
         if request.dropped or request.future.done():
@@ -299,19 +266,24 @@ class Batcher:
             return True
         return False
 
-    def _on_done(self, request: _Request, future: asyncio.Future[BatchOutput]) -> None:
+    def _on_done(self, request: Request, future: asyncio.Future[BatchOutput]) -> None:
         if future.cancelled():  # the client went away: free its queue space now
             self._fail(request, None)
 
-    def _finished(self, batch: list[_Item], future: asyncio.Future[_Done]) -> None:
+    def _finished(self, batch: list[Item], future: asyncio.Future[Done]) -> None:
         self._slots.release()
         self._in_flight -= 1
+        self._last_progress = time.monotonic()
         if future.cancelled():  # close() dropped a batch that was waiting for the worker
             for item in batch:
                 self._fail(item.request, Draining("the server stopped before this request was computed"))
             self._check_idle()
             return
         done = future.result()  # _compute never raises: errors come back in done.error
+        if done.error is None and done.tokens > 0 and done.end > done.start:
+            rate = (done.end - done.start) / done.tokens
+            old = self._seconds_per_token
+            self._seconds_per_token = rate if old is None else old + _RATE_WEIGHT * (rate - old)
         for item in done.expired:
             if not item.request.future.done():
                 self._fail(item.request, DeadlineExceeded("deadline passed while queued; not computed"))
@@ -330,7 +302,7 @@ class Batcher:
                 self._deliver(item, done.vectors[row], done.norms[row], done)
         self._check_idle()
 
-    def _deliver(self, item: _Item, vector: FloatArray, norm: np.float32, done: _Done) -> None:
+    def _deliver(self, item: Item, vector: FloatArray, norm: np.float32, done: Done) -> None:
         request = item.request
         if request.future.done():
             return
@@ -354,7 +326,7 @@ class Batcher:
                 )
             )
 
-    def _fail(self, request: _Request, error: EmbeddingError | None) -> None:
+    def _fail(self, request: Request, error: EmbeddingError | None) -> None:
         """Fail a request (``None``: it was cancelled) and remove its inputs still queued."""
         request.dropped = True
         for item in request.items:
@@ -367,8 +339,8 @@ class Batcher:
             self._idle.set()
 
     # --- compute (worker thread) -------------------------------------------------------------
-    def _compute(self, batch: list[_Item]) -> _Done:
-        done = _Done()
+    def _compute(self, batch: list[Item]) -> Done:
+        done = Done()
         now = time.monotonic()
         for item in batch:
             if item.request.dropped:
@@ -379,9 +351,11 @@ class Batcher:
         done.start = time.monotonic()
         try:
             if self._batch_invariant:
-                done.vectors, done.norms = self._run([item.request.ids[item.index] for item in done.computed])
+                done.vectors, done.norms = self._run(
+                    [item.request.ids[item.index] for item in done.computed], done
+                )
             else:
-                parts = [self._run([item.request.ids[item.index]]) for item in done.computed]
+                parts = [self._run([item.request.ids[item.index]], done) for item in done.computed]
                 done.vectors = np.concatenate([p[0] for p in parts])
                 done.norms = np.concatenate([p[1] for p in parts])
         except Exception as exc:  # any runtime error fails this batch only
@@ -389,7 +363,7 @@ class Batcher:
         done.end = time.monotonic()
         return done
 
-    def _run(self, seqs: list[Sequence[int]]) -> tuple[FloatArray, FloatArray]:
+    def _run(self, seqs: list[Sequence[int]], done: Done) -> tuple[FloatArray, FloatArray]:
         """Right-pad to the longest sequence and call the runtime once."""
         longest = max(len(s) for s in seqs)
         input_ids: IntArray = np.full((len(seqs), longest), self._pad_id, dtype=np.int64)
@@ -397,10 +371,16 @@ class Batcher:
         for row, seq in enumerate(seqs):
             input_ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        self.runtime_calls += 1
         if self._on_batch is not None:
             self._on_batch(len(seqs), sum(len(s) for s in seqs), input_ids.size)
-        vectors, norms = self._runtime.run(input_ids, mask)
+        tokens = self._cost.tokens(len(seqs), longest)
+        done.tokens += tokens
+        self._last_progress = time.monotonic()
+        self._running = (self._last_progress, tokens)
+        try:
+            vectors, norms = self._runtime.run(input_ids, mask)
+        finally:
+            self._running = None
         if vectors.shape[0] != len(seqs) or norms.shape[0] != len(seqs):
             raise RuntimeError(f"runtime returned {vectors.shape[0]} vectors for {len(seqs)} inputs")
         return vectors, norms

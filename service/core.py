@@ -7,8 +7,9 @@ their wire format into :class:`~service.domain.EmbedJob` and results back; error
 
 Lifecycle: ``starting`` (bundle verified, session created, warm-up, self-test — in a thread, so
 health checks keep answering NOT_SERVING) → ``ready`` → ``draining`` (new work refused, accepted
-work finishes) → ``stopped``; ``failed`` when start-up failed. Listeners (health services,
-metrics) are told of every change.
+work finishes) → ``stopped``; ``failed`` when start-up failed; ``ready`` ⇄ ``stalled`` when the
+watchdog (:mod:`service.watchdog`) sees the runtime stop making progress (health NOT_SERVING,
+new work refused with UNAVAILABLE). Listeners (health services, metrics) are told of every change.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 
-from bundle.manifest import MANIFEST_NAME, BundleError, Manifest, file_sha256, load_manifest, verify_files
+from bundle.manifest import BundleError
 from service.batcher import Batcher, BatchObserver
-from service.cost import CostModel
 from service.domain import (
     CoreState,
     EmbedJob,
@@ -45,22 +44,42 @@ from service.errors import (
     InvalidInput,
     NotReady,
     RuntimeFailure,
+    StartupError,
     TooManyInputs,
 )
+from service.loader import LoadedModel, RuntimeFactory, describe_exception, load_model, ort_runtime
 from service.logs import new_request_id
-from service.runtime import OrtRuntime, Runtime, StartupError
-from service.selftest import cosine_threshold, self_test, warm_up
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
+from service.watchdog import Stall, Watchdog
 
 log = logging.getLogger("service.core")
 
-RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
 StateListener = Callable[[CoreState], None]
+# The watchdog's verdict changed: a Stall (kind, reason), or None when the runtime recovered.
+StallObserver = Callable[[Stall | None], None]
+# Tokenisation jobs up to this many characters (or token ids) take the small-job lane.
+SMALL_JOB_CHARS = 16_384
+# Bigger text jobs are tokenised in chunks of about this many characters, one chunk of each job
+# in the big-job lane's queue at a time: jobs take turns instead of waiting for whole requests.
+CHUNK_CHARS = 65_536
 
 
-def ort_runtime(settings: Settings, manifest: Manifest, directory: Path, max_input_tokens: int) -> Runtime:
-    return OrtRuntime(settings, manifest, directory, max_input_tokens=max_input_tokens)
+def chunks(texts: tuple[str, ...], limit: int = CHUNK_CHARS) -> list[tuple[int, tuple[str, ...]]]:
+    """Consecutive runs of ``texts`` of about ``limit`` characters: (index of the first, texts)."""
+    out: list[tuple[int, tuple[str, ...]]] = []
+    start, size = 0, 0
+    for index, text in enumerate(texts):
+        if index > start and size + len(text) > limit:
+            out.append((start, texts[start:index]))
+            start, size = index, 0
+        size += len(text)
+    if start < len(texts):
+        out.append((start, texts[start:]))
+    return out
+
+
+__all__ = ["EmbeddingCore", "RuntimeFactory", "StateListener", "ort_runtime"]
 
 
 class EmbeddingCore:
@@ -72,26 +91,25 @@ class EmbeddingCore:
         *,
         runtime_factory: RuntimeFactory = ort_runtime,
         on_batch: BatchObserver | None = None,
+        on_stall: StallObserver | None = None,
     ) -> None:
         self.settings = settings
         self._runtime_factory = runtime_factory
         self._on_batch = on_batch
+        self._on_stall = on_stall
+        self._watchdog: Watchdog | None = None
         self._state: CoreState = "starting"
         self._listeners: list[StateListener] = []
         self._active = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
-        # Tokenisation threads: encode_batch is Rust and releases the GIL; two keep the loop free
-        # without competing with the runtime thread for the cores.
+        # Tokenisation threads: encode_batch is Rust and releases the GIL. Two lanes, so a one-word
+        # request never waits behind requests of megabytes of text: jobs up to SMALL_JOB_CHARS
+        # have a thread of their own; bigger ones share two.
         self._tok_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embed-tokenize")
-        self._manifest: Manifest | None = None
-        self._tokenizer: TextTokenizer | None = None
-        self._runtime: Runtime | None = None
+        self._tok_small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-tokenize-small")
+        self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
-        self._bundle_sha256 = ""
-        self._self_test = SelfTestResult(ran=False, passed=False, message="not run yet")
-        self.max_input_tokens = 0
-        self._cost: CostModel | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -121,81 +139,55 @@ class EmbeddingCore:
     async def start(self) -> None:
         """Verify and load the bundle, warm up, self-test, then serve. Raises StartupError."""
         try:
-            await asyncio.to_thread(self._load)
-        except (BundleError, StartupError, ValueError, OSError) as exc:
+            model = await asyncio.to_thread(load_model, self.settings, self._runtime_factory)
+        except (BundleError, StartupError) as exc:  # these name their file or setting already
             self._set_state("failed")
             raise StartupError(str(exc)) from exc
-        except Exception as exc:
+        except Exception as exc:  # a step outside every stage (a bug): still say where to look
             self._set_state("failed")
-            raise StartupError(f"unexpected start-up failure: {exc!r}") from exc
-        assert self._runtime is not None and self._manifest is not None
+            log.error("start-up failed outside a named stage", exc_info=exc)
+            raise StartupError(
+                f"start-up failed loading {self.settings.model_dir}: {describe_exception(exc)}; "
+                "the traceback is in the log"
+            ) from exc
+        self._model = model
         self._batcher = Batcher(
-            self._runtime,
+            model.runtime,
             max_batch_tokens=self.settings.max_batch_tokens,
-            cost=self._cost,
+            cost=model.cost,
             max_padding_ratio=self.settings.max_padding_ratio,
             max_batch_size=self.settings.max_batch_size,
             max_batch_wait_ms=self.settings.max_batch_wait_ms,
             max_queue_tokens=self.settings.max_queue_tokens,
-            pad_id=self._manifest.tokenizer.pad_id,
-            batch_invariant=self._manifest.batch_invariant,
+            pad_id=model.manifest.tokenizer.pad_id,
+            batch_invariant=model.manifest.batch_invariant,
             on_batch=self._on_batch,
         )
         self._batcher.start()
+        self._watchdog = Watchdog(
+            self._batcher.progress,
+            self._stall_changed,
+            floor_s=self.settings.watchdog_stall_s,
+            factor=self.settings.watchdog_factor,
+        )
+        self._watchdog.start()
         self._set_state("ready")
 
-    def _load(self) -> None:
-        settings = self.settings
-        directory = settings.model_dir
-        manifest = load_manifest(directory)
-        verify_files(directory, manifest)
-        self._bundle_sha256 = file_sha256(directory / MANIFEST_NAME)
-        limit = manifest.max_input_tokens
-        if settings.max_input_tokens is not None:
-            if settings.max_input_tokens > limit:
-                log.warning(
-                    "max_input_tokens=%d exceeds the model's %d; using %d",
-                    settings.max_input_tokens,
-                    limit,
-                    limit,
-                )
-            limit = min(limit, settings.max_input_tokens)
-        cost = CostModel.from_manifest(
-            manifest,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_batch_memory_bytes=settings.max_batch_memory_bytes,
-        )
-        fitting = cost.max_single_input(limit)
-        if fitting < limit:
-            # Refuse (or truncate, per request) what would not fit in memory rather than be
-            # OOM-killed mid-batch with everyone else's work.
-            log.warning(
-                "inputs are capped at %d tokens: one input of %d would need %.1f GiB of activations "
-                "(max_batch_memory_bytes=%d); raise the budget or export the chunked graph",
-                fitting,
-                limit,
-                cost.memory_bytes(1, limit) / 2**30,
-                settings.max_batch_memory_bytes,
-            )
-            limit = fitting
-        self.max_input_tokens = limit
-        self._cost = cost
-        tokenizer = TextTokenizer.from_bundle(
-            directory, manifest, max_input_tokens=limit, default_truncation=settings.default_truncation
-        )
-        runtime = self._runtime_factory(settings, manifest, directory, limit)
-        warm_up(
-            runtime, manifest.tokenizer.pad_id, max_batch_size=settings.max_batch_size, max_input_tokens=limit
-        )
-        if settings.self_test:
-            self._self_test = self_test(manifest, tokenizer, runtime, cosine_threshold(manifest, settings))
+    def _stall_changed(self, stall: Stall | None) -> None:
+        if self._on_stall is not None:
+            self._on_stall(stall)
+        if stall is not None:
+            log.error("health NOT_SERVING (watchdog, %s): %s", stall.kind, stall.reason)
+            if self._state == "ready":
+                self._set_state("stalled")
         else:
-            self._self_test = SelfTestResult(ran=False, passed=False, message="disabled by the operator")
-        self._manifest, self._tokenizer, self._runtime = manifest, tokenizer, runtime
+            log.warning("the runtime is making progress again; health SERVING")
+            if self._state == "stalled":
+                self._set_state("ready")
 
     async def drain(self) -> None:
         """Refuse new work (UNAVAILABLE) and wait for accepted work; callers bound the wait."""
-        if self._state == "ready":
+        if self._state in ("ready", "stalled"):
             self._set_state("draining")
         if self._batcher is not None:
             await self._batcher.drain()
@@ -204,24 +196,24 @@ class EmbeddingCore:
     async def close(self) -> None:
         if self._state not in ("failed", "stopped"):
             self._set_state("stopped")
+        if self._watchdog is not None:
+            await self._watchdog.stop()
         if self._batcher is not None:
             await self._batcher.close()
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        self._tok_small.shutdown(wait=False, cancel_futures=True)
 
     # --- requests ------------------------------------------------------------------------------
-    def _admit(self) -> tuple[Manifest, TextTokenizer, Batcher]:
+    def _admit(self) -> tuple[LoadedModel, Batcher]:
         if self._state == "starting":
             raise NotReady("the model is warming up; retry shortly")
         if self._state in ("draining", "stopped"):
             raise Draining("the server is shutting down; retry on another replica")
-        if (
-            self._state == "failed"
-            or self._manifest is None
-            or self._tokenizer is None
-            or self._batcher is None
-        ):
+        if self._state == "stalled":
+            raise NotReady("the runtime is not making progress (watchdog); retry on another replica")
+        if self._state == "failed" or self._model is None or self._batcher is None:
             raise NotReady("the model failed to load")
-        return self._manifest, self._tokenizer, self._batcher
+        return self._model, self._batcher
 
     def _begin(self) -> None:
         self._active += 1
@@ -257,17 +249,22 @@ class EmbeddingCore:
         if isinstance(job, EmbedJob) and job.token_ids:
             if job.task or job.instruction:
                 raise InvalidInput("instructions apply to text inputs only, not token ids", field="task")
+            small = sum(len(ids) for ids in job.token_ids) <= SMALL_JOB_CHARS
             call = partial(tokenizer.encode_ids, job.token_ids, truncation=job.truncation)
-        else:
-            call = partial(
-                tokenizer.encode_texts,
-                job.texts,
-                input_type=job.input_type,
-                task=job.task,
-                instruction=job.instruction,
-                truncation=job.truncation,
-            )
-        return await loop.run_in_executor(self._tok_pool, call)
+            return await loop.run_in_executor(self._tok_small if small else self._tok_pool, call)
+        encode = partial(
+            tokenizer.encode_texts,
+            input_type=job.input_type,
+            task=job.task,
+            instruction=job.instruction,
+            truncation=job.truncation,
+        )
+        if sum(len(text) for text in job.texts) + len(job.instruction or "") <= SMALL_JOB_CHARS:
+            return await loop.run_in_executor(self._tok_small, partial(encode, job.texts))
+        out: list[Tokenized] = []
+        for first, part in chunks(job.texts):  # one chunk queued per job: jobs take turns
+            out += await loop.run_in_executor(self._tok_pool, partial(encode, part, first_index=first))
+        return out
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         """Validate, tokenise (thread), batch, run (worker thread), post-process.
@@ -287,9 +284,12 @@ class EmbeddingCore:
 
     async def _embed(self, job: EmbedJob, request_id: str) -> EmbedResult:
         started = time.perf_counter()
-        manifest, tokenizer, batcher = self._admit()
+        model, batcher = self._admit()
+        tokenizer = model.tokenizer
         self._check_count(job.count, job.texts, job.token_ids)
-        check_dimensions(job.dimensions, model_dims=manifest.dim, allowed=self.settings.allow_dimensions)
+        check_dimensions(
+            job.dimensions, model_dims=model.manifest.dim, allowed=self.settings.allow_dimensions
+        )
         if job.deadline is not None and time.monotonic() >= job.deadline:
             raise DeadlineExceeded("the deadline passed before the request started")
         self._begin()
@@ -314,7 +314,8 @@ class EmbeddingCore:
 
     async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
         """Exactly the ids ``embed`` would send to the model for the same texts and options."""
-        _, tokenizer, _ = self._admit()
+        model, _ = self._admit()
+        tokenizer = model.tokenizer
         self._check_count(len(job.texts), job.texts, ())
         tokenized = await self._tokenize(job, tokenizer)
         tokens = tuple(tokenizer.tokens(t.ids) for t in tokenized) if job.return_tokens else ()
@@ -324,25 +325,32 @@ class EmbeddingCore:
     @property
     def dimensions(self) -> int:
         """The model's native vector size (cheap; for per-request checks)."""
-        if self._manifest is None:
+        if self._model is None:
             raise NotReady("the model is warming up; retry shortly")
-        return self._manifest.dim
+        return self._model.manifest.dim
 
     @property
     def model_name(self) -> str:
         if self.settings.model_name:
             return self.settings.model_name
-        return self._manifest.model_id if self._manifest is not None else ""
+        return self._model.manifest.model_id if self._model is not None else ""
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The served per-input limit (0 until loaded)."""
+        return self._model.max_input_tokens if self._model is not None else 0
 
     @property
     def self_test_result(self) -> SelfTestResult:
-        return self._self_test
+        if self._model is None:
+            return SelfTestResult(ran=False, passed=False, message="not run yet")
+        return self._model.self_test
 
     def model_info(self) -> ModelInfo:
-        manifest = self._manifest
-        if manifest is None or self._runtime is None:
+        model = self._model
+        if model is None:
             raise NotReady("the model is warming up; retry shortly")
-        s = self.settings
+        manifest, s = model.manifest, self.settings
         return ModelInfo(
             model=self.model_name,
             model_id=manifest.model_id,
@@ -356,8 +364,8 @@ class EmbeddingCore:
             pooling=manifest.pooling,
             attention=manifest.attention,
             precision=manifest.precision,
-            execution_providers=self._runtime.providers,
-            bundle_sha256=self._bundle_sha256,
+            execution_providers=model.runtime.providers,
+            bundle_sha256=model.bundle_sha256,
             tasks=dict(manifest.prompts.tasks),
             default_task=manifest.prompts.default_task,
             query_template=manifest.prompts.query_template,
@@ -372,7 +380,7 @@ class EmbeddingCore:
                 allow_dimensions=s.allow_dimensions,
             ),
             validation=dict(manifest.validation),
-            self_test=self._self_test,
+            self_test=model.self_test,
             batch_invariant=manifest.batch_invariant,
             matryoshka=manifest.matryoshka,
         )

@@ -8,15 +8,17 @@ protobuf or an HTTP body, and each front end can be tested against the same sema
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
-InputType = Literal["query", "document"]
+from bundle.manifest import InputType as InputType  # one definition, shared with the export
+
 Truncation = Literal["none", "end", "start"]
+# The one list of encodings; the gRPC servicer maps its enum onto these names (``ENCODINGS``).
 Encoding = Literal["values", "float32", "float16", "int8", "binary"]
-CoreState = Literal["starting", "ready", "draining", "stopped", "failed"]
+CoreState = Literal["starting", "ready", "stalled", "draining", "stopped", "failed"]
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -170,4 +172,4 @@ class ModelInfo:
     self_test: SelfTestResult
     batch_invariant: bool
     matryoshka: bool
-    encodings: tuple[Encoding, ...] = ("values", "float32", "float16", "int8", "binary")
+    encodings: tuple[Encoding, ...] = get_args(Encoding)

@@ -20,7 +20,6 @@ import numpy as np
 from service.domain import Encoding, FloatArray
 from service.errors import DimensionsNotAllowed, InvalidInput
 
-ENCODINGS: tuple[Encoding, ...] = ("values", "float32", "float16", "int8", "binary")
 INT8_SCALE = 127.0
 _EPS = 1e-12
 

@@ -21,6 +21,14 @@ import grpc
 log = logging.getLogger("service.errors")
 
 
+class StartupError(Exception):
+    """The server cannot start: bad bundle, bad setting, provider missing, failed self-test.
+
+    Not an ``EmbeddingError``: no client ever sees it. The message is what the operator reads on
+    stderr before the process exits 2, so it names the file or setting and what to do.
+    """
+
+
 class EmbeddingError(Exception):
     """Base class. ``message`` is safe to show to clients; ``field`` names the bad request field."""
 
@@ -72,10 +80,6 @@ class DeadlineExceeded(EmbeddingError):
     """The request's deadline passed before its inputs were computed; they never will be."""
 
 
-class Cancelled(EmbeddingError):
-    """The client went away; its queued inputs were dropped."""
-
-
 class RuntimeFailure(EmbeddingError):
     """The inference runtime failed. The public message is generic; details are logged."""
 
@@ -102,8 +106,6 @@ ERROR_TABLE: dict[type[EmbeddingError], ErrorInfo] = {
     Draining: ErrorInfo(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     NotReady: ErrorInfo(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
     DeadlineExceeded: ErrorInfo(grpc.StatusCode.DEADLINE_EXCEEDED, 504, "timeout"),
-    # 499: nginx's "client closed request"; nobody is left to read it, but logs and metrics are.
-    Cancelled: ErrorInfo(grpc.StatusCode.CANCELLED, 499, "cancelled"),
     RuntimeFailure: ErrorInfo(grpc.StatusCode.INTERNAL, 500, "server_error"),
     EmbeddingError: ErrorInfo(grpc.StatusCode.INTERNAL, 500, "server_error"),
 }

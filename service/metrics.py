@@ -17,6 +17,8 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from service.watchdog import Stall
+
 Api = Literal["grpc", "http"]
 
 # Latency buckets from 1 ms to 30 s: CPU MiniLM answers in milliseconds, a 7B model on a long
@@ -105,6 +107,17 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.stalled = Gauge(
+            "embed_runtime_stalled",
+            "1 while the watchdog sees no runtime progress (health NOT_SERVING, liveness fails).",
+            registry=r,
+        )
+        self.stalls = Counter(
+            "embed_runtime_stalls",
+            "Watchdog stalls by kind: slow_call, no_progress, scheduler_died.",
+            ["kind"],
+            registry=r,
+        )
         self.ready = Gauge(
             "embed_ready", "1 while the server is SERVING, 0 while warming up or draining.", registry=r
         )
@@ -149,6 +162,12 @@ class Metrics:
         self.provider.clear()
         for name in providers:
             self.provider.labels(provider=name).set(1)
+
+    def observe_stall(self, stall: Stall | None) -> None:
+        """The watchdog's verdict changed: a stall (counted by kind) or recovery."""
+        self.stalled.set(0.0 if stall is None else 1.0)
+        if stall is not None:
+            self.stalls.labels(kind=stall.kind).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1.0 if ready else 0.0)

@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from bundle.manifest import Manifest
 from service.domain import FloatArray
+from service.errors import StartupError
 from service.settings import Settings
 
 log = logging.getLogger("service.runtime")
@@ -34,10 +35,6 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 _SUPPORTED_INPUTS = {"input_ids", "attention_mask", "token_type_ids"}
-
-
-class StartupError(Exception):
-    """The server cannot start: bad bundle, provider missing, failed self-test. Exit non-zero."""
 
 
 class Runtime(Protocol):
@@ -135,6 +132,20 @@ def check_providers(wanted: str, in_use: Sequence[str], available: Sequence[str]
     log.warning("%s Continuing because provider_fallback=warn.", message)
 
 
+def _prepare_cache_dir(path: Path) -> None:
+    """Create the TensorRT engine cache directory, or say which setting is wrong and why."""
+    setting = "trt_cache_dir (--trt-cache-dir / EMBED_TRT_CACHE_DIR)"
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"{setting} {path} is a file, not a directory; point it at a writable directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"{setting} {path} cannot be created: {exc.strerror or exc} ({exc.filename or path}); "
+            "point it at a writable directory"
+        ) from exc
+
+
 class OrtRuntime:
     """One ``InferenceSession`` for the bundle's graph, loaded by path (external data beside it)."""
 
@@ -154,7 +165,7 @@ class OrtRuntime:
         options.inter_op_num_threads = settings.inter_op_threads
         options.log_severity_level = 3  # ORT's own fallback chatter; we check providers ourselves
         if settings.provider == "tensorrt":
-            settings.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+            _prepare_cache_dir(settings.trt_cache_dir)
         chain = provider_chain(settings, self._inputs, max_input_tokens)
         try:
             with warnings.catch_warnings():

@@ -12,21 +12,18 @@ import logging
 
 import numpy as np
 
-from bundle.manifest import Manifest
+from bundle.manifest import COSINE_BOUND, Manifest
 from service.domain import SelfTestResult
-from service.errors import EmbeddingError
-from service.runtime import IntArray, Runtime, StartupError
+from service.errors import EmbeddingError, StartupError
+from service.runtime import IntArray, Runtime
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 
 log = logging.getLogger("service.selftest")
 
-# Cosine a served golden vector must reach, by the weakest precision in play: the bundle's, or
-# the lower one TensorRT was allowed to use. fp32 leaves room for TF32/kernel-order differences.
-COSINE_BOUND = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, "int8": 0.99}
-
 
 def cosine_threshold(manifest: Manifest, settings: Settings) -> float:
+    """The bundle's precision bound, or the lower one TensorRT was allowed to compute in."""
     bounds = [COSINE_BOUND[manifest.precision]]
     if settings.provider == "tensorrt":
         if settings.trt_fp16:

@@ -30,9 +30,9 @@ from service.auth import ApiKeyError
 from service.core import EmbeddingCore
 from service.domain import CoreState
 from service.edge import Edge
+from service.errors import StartupError
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from service.runtime import StartupError
 from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
@@ -123,7 +123,9 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
     except (ApiKeyError, TlsConfigError) as exc:
         print(f"embed-serve: error: {exc}", file=sys.stderr)
         return 2
-    core = core or EmbeddingCore(settings, on_batch=edge.metrics.observe_batch)
+    core = core or EmbeddingCore(
+        settings, on_batch=edge.metrics.observe_batch, on_stall=edge.metrics.observe_stall
+    )
     edge.observe_core(core)
     try:
         server, port = build_server(

@@ -20,10 +20,11 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.domain import Truncation
+
 ENV_PREFIX = "EMBED_"
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
-Truncation = Literal["none", "end", "start"]
 
 
 class Settings(BaseSettings):
@@ -112,6 +113,15 @@ class Settings(BaseSettings):
         default=8 * 1024**3,
         ge=1024**2,
         description="Predicted activation memory of one batch; larger batches split, longer inputs refused.",
+    )
+    watchdog_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Health turns NOT_SERVING (liveness fails) when a runtime call runs longer than "
+        "max(this, watchdog_factor × its predicted time), or queued work starts no call for this long.",
+    )
+    watchdog_factor: float = Field(
+        default=20.0, ge=1, description="How far past its predicted time a runtime call may run (see above)."
     )
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="Queued tokens beyond which requests get RESOURCE_EXHAUSTED."

@@ -26,6 +26,13 @@ from service.errors import InputTooLong, InvalidInput, UnknownTask
 
 TEXT = "{text}"
 TASK = "{task}"
+# Truncation NONE: a rendered text longer than this many characters per allowed token is first
+# tokenised only up to a cut between half and all of that window (see ``_refuse_too_long``), so
+# an input far past the limit is refused without tokenising all of it. English runs at 4–5
+# characters per token (WordPiece and byte-level BPE alike), so the cut, at 8 or more characters
+# per allowed token, holds more tokens than the limit for any text of up to 8 characters a token.
+PRECHECK_CHARS_PER_TOKEN = 16
+PRECHECK_GROUP = 8  # prefixes tokenised per call: small enough to stop early, big enough to batch
 
 
 class TextTokenizer:
@@ -70,6 +77,11 @@ class TextTokenizer:
             default_truncation=default_truncation,
         )
 
+    @property
+    def largest_id(self) -> int:
+        """The highest id this tokenizer can emit (added tokens included)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=0)
+
     # --- instruction policy ------------------------------------------------------------------
     def resolve_instruction(
         self, input_type: InputType, task: str | None, instruction: str | None
@@ -108,15 +120,49 @@ class TextTokenizer:
         task: str | None = None,
         instruction: str | None = None,
         truncation: Truncation | None = None,
+        first_index: int = 0,
     ) -> list[Tokenized]:
+        """``first_index``: the request index of ``texts[0]`` (a request tokenised in chunks)."""
         resolved = self.resolve_instruction(input_type, task, instruction)
         rendered = [self._render(t, resolved) for t in texts]
-        encodings = self._tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         mode = truncation or self.default_truncation
+        if mode == "none":
+            self._refuse_too_long([r[0] for r in rendered], first_index)
+        encodings = self._tok.encode_batch([r[0] for r in rendered], add_special_tokens=False)
         return [
-            self._fit(enc.ids, _protected(enc, start, end, len(full)), mode, index)
+            self._fit(enc.ids, _protected(enc, start, end, len(full)), mode, first_index + index)
             for index, (enc, (full, start, end)) in enumerate(zip(encodings, rendered, strict=True))
         ]
+
+    def _refuse_too_long(self, texts: Sequence[str], first_index: int) -> None:
+        """Refuse an over-limit input from a prefix of it, before tokenising it whole.
+
+        The prefix ends just before a space that follows a non-space character: every
+        pre-tokenizer in use (BERT's whitespace/punctuation split, the byte-level BPE regex of
+        gte-Qwen2) starts a new piece there, so the prefix's pieces are the full text's first pieces
+        and its token count is a lower bound of the full count. Only a count *above* the limit
+        refuses; anything else falls through to the exact path, so nothing admissible is refused.
+        """
+        window = PRECHECK_CHARS_PER_TOKEN * (self.max_content + 1)
+        cuts = [(i, _cut(text, window)) for i, text in enumerate(texts) if len(text) > window]
+        cuts = [(i, cut) for i, cut in cuts if cut > 0]
+        for start in range(0, len(cuts), PRECHECK_GROUP):  # stop at the first group that refuses
+            group = cuts[start : start + PRECHECK_GROUP]
+            heads = self._tok.encode_batch([texts[i][:cut] for i, cut in group], add_special_tokens=False)
+            self._refuse_over(
+                [(first_index + i, len(enc.ids)) for (i, _), enc in zip(group, heads, strict=True)]
+            )
+
+    def _refuse_over(self, counts: Sequence[tuple[int, int]]) -> None:
+        """(request index, lower bound of its content tokens): refuse the first over the limit."""
+        for index, content in counts:
+            if content > self.max_content:
+                total = content + len(self.prefix) + len(self.suffix)
+                raise InputTooLong(
+                    f"input {index} has at least {total} tokens, more than the limit of "
+                    f"{self.max_input_tokens}; shorten it or ask for truncation END or START",
+                    field=f"inputs[{index}]",
+                )
 
     def encode_ids(
         self, id_lists: Sequence[Sequence[int]], *, truncation: Truncation | None = None
@@ -161,6 +207,15 @@ class TextTokenizer:
 
     def tokens(self, ids: Sequence[int]) -> tuple[str, ...]:
         return tuple(self._tok.id_to_token(i) or "" for i in ids)
+
+
+def _cut(text: str, window: int) -> int:
+    """Where to cut ``text`` for the prefix check: the last ``" "`` after a non-space within
+    ``window`` (and past its first half); 0 when there is none (no prefix check)."""
+    at = text.rfind(" ", window // 2, window)
+    while at > window // 2 and text[at - 1].isspace():
+        at = text.rfind(" ", window // 2, at)
+    return at if at > window // 2 else 0
 
 
 def _protected(enc: HfEncoding, start: int, end: int, length: int) -> tuple[int, int]:

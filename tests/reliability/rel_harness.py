@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +26,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bundle.manifest import Manifest
-from service.core import EmbeddingCore, ort_runtime
+from service.core import EmbeddingCore
 from service.edge import Edge
+from service.errors import StartupError
 from service.http import HttpServer
+from service.loader import RuntimeFactory, ort_runtime
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server import build_server
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 BIG = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -85,7 +85,12 @@ async def live_server(bundle: Path, runtime: Runtime | None = None, **overrides:
     """Core + gRPC + HTTP on 127.0.0.1 port 0, started and ready; torn down on exit."""
     settings = settings_for(bundle, **overrides)
     edge = Edge.from_settings(settings)
-    core = EmbeddingCore(settings, runtime_factory=fixed(runtime), on_batch=edge.metrics.observe_batch)
+    core = EmbeddingCore(
+        settings,
+        runtime_factory=fixed(runtime),
+        on_batch=edge.metrics.observe_batch,
+        on_stall=edge.metrics.observe_stall,
+    )
     edge.observe_core(core)
     server, port = build_server(
         settings, core, interceptors=edge.grpc_interceptors(), credentials=edge.grpc_credentials()
@@ -100,6 +105,25 @@ async def live_server(bundle: Path, runtime: Runtime | None = None, **overrides:
             await http.stop()
         await server.stop(0)
         await core.close()
+
+
+async def refused_start(
+    settings: Settings, fragments: Sequence[str], runtime_factory: RuntimeFactory = ort_runtime
+) -> str:
+    """Start a core that must fail: the StartupError names every fragment; state ``failed``."""
+    core = EmbeddingCore(settings, runtime_factory=runtime_factory)
+    try:
+        await core.start()
+    except StartupError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("start-up succeeded")
+    finally:
+        await core.close()
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert core.state == "failed"
+    return message
 
 
 @asynccontextmanager

@@ -72,12 +72,14 @@ def reference(table: np.ndarray, seqs: Sequence[Sequence[int]]) -> tuple[np.ndar
     return pooled / norms[:, None], norms
 
 
-def _graph(table: np.ndarray) -> onnx.ModelProto:
+def _graph(table: np.ndarray, positions: int | None = None) -> onnx.ModelProto:
+    """``positions``: add a BERT-like learned position table of that many rows (all zeros, so the
+    vectors do not change) gathered by ``Range(seq)``: longer inputs fail in ONNX Runtime."""
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["maskf", "axis_last"], ["mask3"]),
-        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("Mul", ["emb_pos" if positions else "emb", "mask3"], ["masked"]),
         helper.make_node("ReduceSum", ["masked", "axis_seq"], ["summed"], keepdims=0),
         helper.make_node("ReduceSum", ["maskf", "axis_seq"], ["count"], keepdims=1),
         helper.make_node("Div", ["summed", "count"], ["pooled"]),
@@ -85,6 +87,20 @@ def _graph(table: np.ndarray) -> onnx.ModelProto:
         helper.make_node("Div", ["pooled", "norm2"], ["sentence_embedding"]),
         helper.make_node("Squeeze", ["norm2", "axis_last"], ["embedding_norm"]),
     ]
+    extra = []
+    if positions:
+        nodes[1:1] = [  # topological order: before the Mul that reads emb_pos
+            helper.make_node("Shape", ["input_ids"], ["shape"]),
+            helper.make_node("Gather", ["shape", "one"], ["seq"]),
+            helper.make_node("Range", ["zero", "seq", "one"], ["pos_ids"]),
+            helper.make_node("Gather", ["pos_table", "pos_ids"], ["pos_emb"]),
+            helper.make_node("Add", ["emb", "pos_emb"], ["emb_pos"]),
+        ]
+        extra = [
+            numpy_helper.from_array(np.zeros((positions, table.shape[1]), np.float32), "pos_table"),
+            numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+            numpy_helper.from_array(np.array(1, dtype=np.int64), "one"),
+        ]
     graph = helper.make_graph(
         nodes,
         "toy",
@@ -100,6 +116,7 @@ def _graph(table: np.ndarray) -> onnx.ModelProto:
             numpy_helper.from_array(table, "table"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis_seq"),
             numpy_helper.from_array(np.array([-1], dtype=np.int64), "axis_last"),
+            *extra,
         ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
@@ -111,12 +128,12 @@ def content_ids(tok: Tokenizer, text: str) -> list[int]:
     return list(tok.encode(text, add_special_tokens=False).ids)
 
 
-def build_toy_bundle(out: Path, *, max_input_tokens: int = MAX_TOKENS) -> Path:
+def build_toy_bundle(out: Path, *, max_input_tokens: int = MAX_TOKENS, positions: int | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tok = toy_tokenizer()
     tok.save(str(out / "tokenizer.json"))
     table = embedding_table()
-    onnx.save(_graph(table), str(out / "model.onnx"))
+    onnx.save(_graph(table, positions), str(out / "model.onnx"))
     goldens = []
     for text, kind, task in [("w1 w2 w3", "document", None), ("w7 cat", "query", "search")]:
         rendered = TEMPLATE.format(task=TASKS[task], text=text) if task else text

@@ -17,8 +17,8 @@ from rel_harness import grpc_channel, live_server, settings_for, stubs
 from rel_toy import CountingRuntime, word_id
 
 from service.core import EmbeddingCore
+from service.errors import StartupError
 from service.pb.embedding.v1 import embedding_pb2 as pb
-from service.runtime import StartupError
 
 pytestmark = pytest.mark.asyncio
 HANG_GUARD_S = 30.0  # generous: only here so that a hang fails instead of stalling CI

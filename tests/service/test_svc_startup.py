@@ -16,7 +16,8 @@ from svc_toy import CLS, SEP, reference
 
 from bundle.manifest import load_manifest
 from service.core import EmbeddingCore
-from service.runtime import OrtRuntime, StartupError
+from service.errors import StartupError
+from service.runtime import OrtRuntime
 
 pytestmark = pytest.mark.asyncio
 

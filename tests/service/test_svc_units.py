@@ -8,7 +8,8 @@ import pytest
 
 from service import errors
 from service.encoding import check_dimensions, check_encoding, decode, pack, postprocess
-from service.runtime import StartupError, check_providers, length_buckets, provider_chain, trt_profiles
+from service.errors import StartupError
+from service.runtime import check_providers, length_buckets, provider_chain, trt_profiles
 from service.settings import Settings
 
 ROWS = [
@@ -22,7 +23,6 @@ ROWS = [
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE, 503),
     (errors.Draining, grpc.StatusCode.UNAVAILABLE, 503),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
-    (errors.Cancelled, grpc.StatusCode.CANCELLED, 499),
     (errors.RuntimeFailure, grpc.StatusCode.INTERNAL, 500),
 ]
 
