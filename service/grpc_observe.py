@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from service.logs import log_request, new_request_id
+from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -40,13 +40,14 @@ class _Call:
     def saw_request(self, request: Any) -> None:
         self.inputs += len(getattr(request, "inputs", ())) + len(getattr(request, "token_inputs", ()))
         rid = getattr(request, "request_id", "")
-        if isinstance(rid, str) and rid and not self.request_id:
+        # An unsafe id is refused by the servicer; it must not reach the log either.
+        if isinstance(rid, str) and is_safe_request_id(rid) and not self.request_id:
             self.request_id = rid
 
     def saw_response(self, response: Any) -> None:
         if not self.request_id:
             rid = getattr(response, "request_id", "")
-            self.request_id = rid if isinstance(rid, str) else ""
+            self.request_id = rid if isinstance(rid, str) and is_safe_request_id(rid) else ""
         # A split stream answer carries usage and timings on its last part only.
         if not getattr(response, "last", True):
             return

@@ -32,7 +32,7 @@ from service.http_schema import (
     model_card,
     parse_embeddings_request,
 )
-from service.logs import log_request, new_request_id
+from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'Authorization: Bearer <key>')"
 REQUEST_ID_HEADER = "X-Request-Id"
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
 # limit is a multiple of the gRPC message limit rather than equal to it.
 BODY_LIMIT_FACTOR = 4
@@ -129,7 +128,7 @@ def _from_http_exception(exc: web.HTTPException, body_limit: int) -> web.Respons
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _SAFE_REQUEST_ID.match(given) else new_request_id()
+    return given if is_safe_request_id(given) else new_request_id()
 
 
 @web.middleware

@@ -19,7 +19,7 @@ from service.core import EmbeddingCore
 from service.domain import EmbedJob, EmbedResult, Encoding, InputType, ModelInfo, TokenizeJob, Truncation
 from service.encoding import check_encoding, pack, packed_size
 from service.errors import InvalidInput, TooManyInputs, maps_errors, maps_stream_errors
-from service.logs import new_request_id
+from service.logs import REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS, is_safe_request_id, new_request_id
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -65,6 +65,35 @@ def _enum(table: dict[int, Any], value: int, name: str) -> Any:
     return table[value]
 
 
+# Free text that is echoed, logged or put into error messages is capped before any work, so a client
+# cannot make the server compute for nothing (an answer too big to send) or write megabytes into a
+# log line. Task names are identifiers; instructions are a sentence or two in every bundle we know.
+TASK_MAX_CHARS = 128
+INSTRUCTION_MAX_CHARS = 8192
+
+
+def check_text_fields(request: pb.EmbedRequest | pb.TokenizeRequest) -> None:
+    """Refuse an unsafe ``request_id`` or an oversized ``task``/``instruction`` (never echoing them)."""
+    rid = request.request_id
+    if rid and not is_safe_request_id(rid):
+        raise InvalidInput(
+            f"request_id must be 1-{REQUEST_ID_MAX_CHARS} characters of {REQUEST_ID_CHARS} "
+            f"(got {len(rid)} characters); omit it to get a generated one",
+            field="request_id",
+        )
+    if len(request.task) > TASK_MAX_CHARS:
+        raise InvalidInput(
+            f"task names are at most {TASK_MAX_CHARS} characters (got {len(request.task)}); "
+            "GetModelInfo lists the bundle's tasks",
+            field="task",
+        )
+    if len(request.instruction) > INSTRUCTION_MAX_CHARS:
+        raise InvalidInput(
+            f"instruction is at most {INSTRUCTION_MAX_CHARS} characters (got {len(request.instruction)})",
+            field="instruction",
+        )
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     if remaining is None or remaining > 1e8:  # no deadline is reported as "very far away"
@@ -73,6 +102,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def to_job(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> tuple[EmbedJob, Encoding]:
+    check_text_fields(request)
     encoding: Encoding = _enum(ENCODINGS, request.encoding, "encoding")
     normalize = request.normalize if request.HasField("normalize") else True
     check_encoding(encoding, normalize=normalize)
@@ -293,6 +323,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
+        check_text_fields(request)
         job = TokenizeJob(
             texts=tuple(request.inputs),
             input_type=_enum(INPUT_TYPES, request.input_type, "input_type"),

@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from bundle.manifest import Manifest
 from service.core import EmbeddingCore, ort_runtime
+from service.edge import Edge
+from service.metrics import Metrics
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server import build_server
@@ -40,14 +42,27 @@ class Harness:
     server: grpc.aio.Server
     port: int
     settings: Settings
+    metrics: Metrics | None = None
 
 
 @asynccontextmanager
-async def serving(bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> AsyncIterator[Harness]:
-    """Core + gRPC server on 127.0.0.1:0 and a real grpc.aio channel to it."""
+async def serving(
+    bundle: Path, runtime: Runtime | None = None, *, edge: bool = False, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """Core + gRPC server on 127.0.0.1:0 and a real grpc.aio channel to it.
+
+    ``edge=True`` wires the interceptors ``serve`` uses (metrics, access log, API keys).
+    """
     settings = settings_for(bundle, **overrides)
-    core = EmbeddingCore(settings, runtime_factory=factory_for(runtime))
-    server, port = build_server(settings, core)
+    wired = Edge.from_settings(settings) if edge else None
+    core = EmbeddingCore(
+        settings,
+        runtime_factory=factory_for(runtime),
+        on_batch=wired.metrics.observe_batch if wired is not None else None,
+    )
+    if wired is not None:
+        wired.observe_core(core)
+    server, port = build_server(settings, core, interceptors=wired.grpc_interceptors() if wired else ())
     await server.start()
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}",
@@ -63,6 +78,7 @@ async def serving(bundle: Path, runtime: Runtime | None = None, **overrides: Any
             server,
             port,
             settings,
+            wired.metrics if wired is not None else None,
         )
     finally:
         await channel.close()
