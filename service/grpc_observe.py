@@ -104,10 +104,20 @@ def _finish(
     )
 
 
-async def _requests(source: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
-    async for request in source:
-        call.saw_request(request)
-        yield request
+class _Requests:
+    """The request stream, counted as it is read; stays readable after an item raised."""
+
+    def __init__(self, source: AsyncIterator[Any], call: _Call) -> None:
+        self._source = source.__aiter__()
+        self._call = call
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self._source.__anext__()
+        self._call.saw_request(request)
+        return request
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
@@ -138,7 +148,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         async def responses(request: Any, context: Context) -> AsyncIterator[Any]:
             call, started, error = _Call(), time.perf_counter(), True
             if streaming:
-                request = _requests(request, call)
+                request = _Requests(request, call)
             else:
                 call.saw_request(request)
             try:

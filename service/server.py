@@ -30,13 +30,14 @@ from service.auth import ApiKeyError
 from service.core import EmbeddingCore
 from service.domain import CoreState
 from service.edge import Edge
+from service.grpc_decode import RECEIVE_HEADROOM, RequestBytesInterceptor
+from service.grpc_observe import GrpcObserveInterceptor
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import StartupError
 from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
-from service.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("service.server")
 
@@ -67,7 +68,8 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     limit = settings.max_message_bytes
     options = [
         ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
+        # The request-bytes guard enforces ``limit`` itself, in stream order (grpc_decode.py).
+        ("grpc.max_receive_message_length", RECEIVE_HEADROOM * limit),
         ("grpc.so_reuseport", 0),
     ]
     if settings.max_connection_age_s is not None:
@@ -91,11 +93,12 @@ def build_server(
     event loop. ``interceptors`` / ``credentials`` are the hooks for API keys and TLS.
     """
     limit = settings.max_message_bytes
-    server = grpc.aio.server(
-        # The malformed-bytes guard goes first: it must see requests before anyone decodes them.
-        interceptors=[MalformedRequestInterceptor(), *interceptors],
-        options=_server_options(settings),
-    )
+    chain = list(interceptors)
+    # The request-bytes guard sees requests before anyone decodes them; only the observer (which
+    # counts and logs every call, refused ones included) sits outside it.
+    at = 1 if chain and isinstance(chain[0], GrpcObserveInterceptor) else 0
+    chain.insert(at, RequestBytesInterceptor(limit))
+    server = grpc.aio.server(interceptors=chain, options=_server_options(settings))
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

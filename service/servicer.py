@@ -2,12 +2,11 @@
 
 Why thin: every rule (limits, instruction policy, truncation, readiness) lives in the core, so
 the HTTP facade cannot drift from gRPC. Handlers raise :mod:`service.errors` exceptions and the
-``maps_errors`` decorators turn them into status codes from the one table.
+``maps_errors`` decorators (service/grpc_status.py) turn them into status codes from the one table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,9 @@ from google.protobuf import struct_pb2
 from service.core import EmbeddingCore
 from service.domain import EmbedJob, EmbedResult, Encoding, InputType, ModelInfo, TokenizeJob, Truncation
 from service.encoding import check_encoding, pack, packed_size
-from service.errors import InvalidInput, TooManyInputs, maps_errors, maps_stream_errors
+from service.errors import InvalidInput, TooManyInputs
+from service.grpc_status import maps_errors, maps_stream_errors
+from service.grpc_stream import EmbedStreamRun
 from service.logs import REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS, is_safe_request_id, new_request_id
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -55,8 +56,6 @@ TRUNCATION_ENUM = {"none": pb.TRUNCATION_NONE, "end": pb.TRUNCATION_END, "start"
 _ENVELOPE_BYTES = 1024
 # Bytes around one Embedding besides its vector: index, counts, flags, tags and lengths.
 _PER_EMBEDDING_BYTES = 32
-# Requests of one EmbedStream computing at once; further reads wait (gRPC flow control pushes back).
-STREAM_WINDOW = 32
 
 
 def _enum(table: dict[int, Any], value: int, name: str) -> Any:
@@ -262,12 +261,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 field="inputs",
             )
 
-    async def _embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[EmbedResult, Encoding]:
-        job, encoding = to_job(request, context)
-        return await self._core.embed(job), encoding
-
     @maps_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         job, encoding = to_job(request, context)
@@ -280,44 +273,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedResponse]:
-        """Read ahead (up to STREAM_WINDOW requests computing), answer strictly in order.
+        """Answers in request order; the rules (no lost answer, flow control) are in grpc_stream."""
 
-        The semaphore bounds work in flight; the queue itself is unbounded so the reader's
-        end-of-stream marker can always be delivered, even while it is being cancelled.
-        """
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        order: asyncio.Queue[asyncio.Task[tuple[EmbedResult, Encoding]] | None] = asyncio.Queue()
-        started: set[asyncio.Task[tuple[EmbedResult, Encoding]]] = set()
+        async def answer(request: pb.EmbedRequest, index: int) -> list[pb.EmbedResponse]:
+            job, encoding = to_job(request, context)
+            result = await self._core.embed(job)
+            return to_responses(result, encoding, request_index=index, max_bytes=self._max_bytes)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.ensure_future(self._embed(request, context))
-                    started.add(task)
-                    task.add_done_callback(started.discard)
-                    order.put_nowait(task)
-            finally:
-                order.put_nowait(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            index = 0
-            while (task := await order.get()) is not None:
-                try:
-                    result, encoding = await task
-                finally:
-                    window.release()
-                for response in to_responses(
-                    result, encoding, request_index=index, max_bytes=self._max_bytes
-                ):
-                    yield response
-                index += 1
-            await reader  # surface a broken request stream
-        finally:
-            reader.cancel()
-            for task in list(started):
-                task.cancel()  # the client left or a request failed: drop queued work
+        async for response in EmbedStreamRun(request_iterator, answer).responses():
+            yield response
 
     @maps_errors
     async def Tokenize(
