@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from service.grpc_status import Context, Continuation, is_open_method
 from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-Context = Any  # grpc.aio.ServicerContext; grpc ships no type stubs
-# Probes poll health every few seconds; counting them is useful, logging each one is noise.
-_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A deadline is reported as passed when this little (or nothing) of it is left.
+_DEADLINE_SLACK_S = 0.005
 
 
 @dataclass
@@ -78,21 +77,39 @@ class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] 
         return _wrap(handler, full, self._metrics)
 
 
-def _finish(
-    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: bool
-) -> None:
+def status_name(context: Context, error: BaseException | None) -> str:
+    """The status the client got, as the server can know it.
+
+    A status set by ``abort`` is what was sent. Otherwise grpc ended the call under the handler:
+    it cancels the handler's task (``CancelledError``, or ``GeneratorExit`` when a stream's
+    generator is closed) both when the client's deadline passes and when the client cancels or
+    leaves; the remaining time tells which. Only a real exception is UNKNOWN.
+    """
     code = context.code()
-    if code is None:
-        code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
-    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if code is not None:
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if error is None:
+        return "OK"
+    if isinstance(error, Exception):
+        return "UNKNOWN"
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+def _finish(
+    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: BaseException | None
+) -> None:
+    name = status_name(context, error)
     short = method.rsplit("/", 1)[-1]
     latency = time.perf_counter() - started
     metrics.observe_request("grpc", short, name, latency, call.tokens)
     for queue_s, tokenize_s, inference_s in call.stages:
         metrics.observe_stages(queue_s, tokenize_s, inference_s)
     metrics.observe_truncated(call.truncated)
-    if method.startswith(_QUIET_PREFIXES) and name == "OK":
-        return
+    if is_open_method(method) and name == "OK":
+        return  # probes poll every few seconds: counted, not logged
     log_request(
         api="grpc",
         method=short,
@@ -127,13 +144,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: Context) -> Any:
-            call, started, error = _Call(), time.perf_counter(), True
+            call, started, error = _Call(), time.perf_counter(), None
             call.saw_request(request)
             try:
                 response = await inner(request, context)
                 call.saw_response(response)
-                error = False
                 return response
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 _finish(metrics, method, call, context, started, error)
 
@@ -146,7 +165,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         gen = handler.stream_stream if streaming else handler.unary_stream
 
         async def responses(request: Any, context: Context) -> AsyncIterator[Any]:
-            call, started, error = _Call(), time.perf_counter(), True
+            call, started, error = _Call(), time.perf_counter(), None
             if streaming:
                 request = _Requests(request, call)
             else:
@@ -155,7 +174,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
                 async for response in gen(request, context):
                     call.saw_response(response)
                     yield response
-                error = False
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 _finish(metrics, method, call, context, started, error)
 

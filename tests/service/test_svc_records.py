@@ -1,0 +1,136 @@
+"""The server's own records say what the client got (issue 12 item 5).
+
+Calls whose deadline passed and cancelled streams were recorded as UNKNOWN; refusals inside
+streams left "Task exception was never retrieved" tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from svc_harness import Harness, serving
+from svc_toy import FakeRuntime
+
+from service.logs import ACCESS_LOGGER
+from service.pb.embedding.v1 import embedding_pb2 as pb
+
+pytestmark = pytest.mark.asyncio
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def count(h: Harness, method: str, code: str) -> float:
+    assert h.metrics is not None
+    value = h.metrics.registry.get_sample_value(
+        "embed_requests_total", {"api": "grpc", "method": method, "code": code}
+    )
+    return value or 0.0
+
+
+def logged(caplog: pytest.LogCaptureFixture, method: str) -> list[str]:
+    return [
+        r.__dict__["status"]
+        for r in caplog.records
+        if r.name == ACCESS_LOGGER and r.__dict__["method"] == method
+    ]
+
+
+def unretrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
+    gc.collect()  # asyncio reports an unretrieved task exception when the task is collected
+    return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_passed_deadline_is_recorded_as_deadline_exceeded(
+    toy_bundle: Path, toy_table: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runtime = FakeRuntime(toy_table)
+    async with serving(toy_bundle, runtime, edge=True, max_batch_wait_ms=0, max_batch_size=1) as h:
+        runtime.gate = threading.Event()
+        runtime.started.clear()
+        blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"])))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.stub.Embed(pb.EmbedRequest(inputs=["london"]), timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stream = h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=["tokyo"])]), timeout=0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream.read()
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: count(h, "Embed", "DEADLINE_EXCEEDED") == 1)
+        await wait_for(lambda: count(h, "EmbedStream", "DEADLINE_EXCEEDED") == 1)
+        runtime.gate.set()
+        await blocker
+        assert count(h, "Embed", "UNKNOWN") == count(h, "EmbedStream", "UNKNOWN") == 0
+    assert "DEADLINE_EXCEEDED" in logged(caplog, "Embed")
+    assert logged(caplog, "EmbedStream") == ["DEADLINE_EXCEEDED"]
+
+
+async def test_cancelled_stream_is_recorded_as_cancelled(
+    toy_bundle: Path, toy_table: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    runtime = FakeRuntime(toy_table)
+    async with serving(toy_bundle, runtime, edge=True, max_batch_wait_ms=0, max_batch_size=1) as h:
+        runtime.gate = threading.Event()
+        runtime.started.clear()
+        stream = h.stub.EmbedStream()
+        for i in range(3):
+            await stream.write(pb.EmbedRequest(inputs=[f"paris {i}"]))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        stream.cancel()
+        await wait_for(lambda: count(h, "EmbedStream", "CANCELLED") == 1)
+        runtime.gate.set()
+        assert count(h, "EmbedStream", "UNKNOWN") == 0
+    assert logged(caplog, "EmbedStream") == ["CANCELLED"]
+    assert not unretrieved(caplog)
+
+
+@pytest.mark.parametrize("refusal", ["overloaded", "draining"])
+async def test_refusals_inside_streams_leave_no_unretrieved_task(
+    toy_bundle: Path, toy_table: np.ndarray, caplog: pytest.LogCaptureFixture, refusal: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    runtime = FakeRuntime(toy_table)
+    async with serving(
+        toy_bundle, runtime, edge=True, max_batch_wait_ms=0, max_batch_size=1, max_queue_tokens=4
+    ) as h:
+        runtime.gate = threading.Event()
+        runtime.started.clear()
+        blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"])))
+        await asyncio.to_thread(runtime.started.wait, 10)
+        # The first is formed into the next batch, the second fills the queue.
+        queued = [asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=[t]))) for t in ("a b", "c d")]
+        await wait_for(lambda: h.core.batcher.queued_tokens >= 4)
+        draining = asyncio.ensure_future(h.core.drain()) if refusal == "draining" else None
+        for _ in range(5):
+            stream = h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=[f"w{i}"]) for i in range(8)]))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stream:
+                    pass
+            want = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED if refusal == "overloaded" else grpc.StatusCode.UNAVAILABLE
+            )
+            assert err.value.code() == want
+        runtime.gate.set()
+        await blocker
+        await asyncio.gather(*queued)
+        if draining is not None:
+            await draining
+        await wait_for(lambda: count(h, "EmbedStream", want.name) == 5)
+    assert not unretrieved(caplog)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
