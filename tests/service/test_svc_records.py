@@ -7,6 +7,7 @@ streams left "Task exception was never retrieved" tracebacks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import threading
@@ -20,6 +21,7 @@ import pytest
 from svc_harness import Harness, serving
 from svc_toy import FakeRuntime
 
+from service import grpc_stream
 from service.logs import ACCESS_LOGGER
 from service.pb.embedding.v1 import embedding_pb2 as pb
 
@@ -134,3 +136,33 @@ async def test_refusals_inside_streams_leave_no_unretrieved_task(
         await wait_for(lambda: count(h, "EmbedStream", want.name) == 5)
     assert not unretrieved(caplog)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_aio_clients_see_the_refusal_not_internal(
+    toy_bundle: Path, toy_table: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12 item 6: a grpc.aio client still writing when the server ends the stream read INTERNAL
+    ("Internal error from Core", grpc/grpc#36066) instead of RESOURCE_EXHAUSTED. The server now reads
+    (and discards) the rest of the client's stream before the status. Without that, this load gave
+    33 INTERNAL of 229 refused streams here; the idle bound is raised so slow CI cannot cut it short.
+    """
+    monkeypatch.setattr(grpc_stream, "DRAIN_IDLE_S", 30.0)
+    runtime = FakeRuntime(toy_table, delay_s=0.01)
+    codes: collections.Counter[str] = collections.Counter()
+    async with serving(toy_bundle, runtime, edge=True, max_queue_tokens=64, max_batch_size=8) as h:
+
+        async def one(k: int) -> None:
+            requests = [pb.EmbedRequest(inputs=[f"w{k} {i} " + "x " * 5]) for i in range(40)]
+            try:
+                async for _ in h.stub.EmbedStream(iter(requests)):
+                    pass
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                codes[exc.code().name] += 1
+
+        for _ in range(4):
+            await asyncio.gather(*(one(k) for k in range(30)))
+        await wait_for(lambda: sum(count(h, "EmbedStream", c) for c in codes) == sum(codes.values()))
+        assert codes["RESOURCE_EXHAUSTED"] >= 10, codes  # the load did refuse streams
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert count(h, "EmbedStream", "RESOURCE_EXHAUSTED") == codes["RESOURCE_EXHAUSTED"]
