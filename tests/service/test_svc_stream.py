@@ -141,3 +141,21 @@ async def test_paused_bad_message_logs_no_error(
         code = await asyncio.wait_for(reading, 30)  # no done_writing: the server ends the stream
     assert code == grpc.StatusCode.INVALID_ARGUMENT and len(got) == GOOD
     no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.02])
+async def test_lone_stream_on_idle_server_completes_under_a_small_queue(
+    toy_bundle: Path, toy_table: np.ndarray, delay_s: float
+) -> None:
+    """Issue 12 item 8: the stream's own read-ahead filled the queue (2 answers, then RESOURCE_EXHAUSTED).
+
+    Each request is 4 inputs of 6 tokens (24 tokens); the queue holds 64, so at most two requests fit
+    at once while the stream reads ahead up to 32. Read-ahead must wait for admission, not fail.
+    """
+    runtime = FakeRuntime(toy_table, delay_s=delay_s)
+    requests = [pb.EmbedRequest(inputs=[f"w{i} a b c"] * 4, request_id=f"r{i}") for i in range(40)]
+    async with serving(toy_bundle, runtime, edge=True, max_queue_tokens=64, max_batch_size=4) as h:
+        answers = [r async for r in h.stub.EmbedStream(iter(requests))]
+        assert [r.request_id for r in answers] == [f"r{i}" for i in range(40)]
+        assert all(len(r.embeddings) == 4 for r in answers)
+        assert h.core.batcher.queued_tokens == 0
