@@ -64,6 +64,10 @@ class _HealthBridge:
             await self._health.set(service, status)
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
     limit = settings.max_message_bytes
     options = [
@@ -72,6 +76,21 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", RECEIVE_HEADROOM * limit),
         ("grpc.so_reuseport", 0),
     ]
+    # Idle and half-open connections are bounded: the server pings a silent peer and closes the
+    # connection when the ping goes unanswered (a vanished client, a dropped NAT entry), closes
+    # connections that carried no call for a while, and sends GOAWAY to clients that ping too often
+    # (each ping costs the server a wake-up; 2 strikes is grpc's default enforcement).
+    options += [
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # grpcio 1.85 closes on an unanswered ping after this one (default 60 s), not the above.
+        ("grpc.http2.ping_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if settings.max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)))
     if settings.max_connection_age_s is not None:
         # HTTP/2 connections live for hours and pin a client to the pods that existed when it
         # connected; a GOAWAY after this age makes clients re-resolve and reach new replicas.
