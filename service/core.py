@@ -57,6 +57,7 @@ log = logging.getLogger("service.core")
 
 RuntimeFactory = Callable[[Settings, Manifest, Path, int], Runtime]
 StateListener = Callable[[CoreState], None]
+ResultListener = Callable[[EmbedResult], None]
 
 
 def ort_runtime(settings: Settings, manifest: Manifest, directory: Path, max_input_tokens: int) -> Runtime:
@@ -78,6 +79,7 @@ class EmbeddingCore:
         self._on_batch = on_batch
         self._state: CoreState = "starting"
         self._listeners: list[StateListener] = []
+        self._result_listeners: list[ResultListener] = []
         self._active = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -111,6 +113,10 @@ class EmbeddingCore:
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
         listener(self._state)
+
+    def add_result_listener(self, listener: ResultListener) -> None:
+        """Called with every embed result, whatever the front end (stage timings, truncation)."""
+        self._result_listeners.append(listener)
 
     def _set_state(self, state: CoreState) -> None:
         self._state = state
@@ -310,7 +316,10 @@ class EmbeddingCore:
             inference_ms=out.inference_ms,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
+        result = EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
+        for listener in self._result_listeners:
+            listener(result)
+        return result
 
     async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
         """Exactly the ids ``embed`` would send to the model for the same texts and options."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.auth import ApiKeys, GrpcAuthInterceptor
-from service.domain import CoreState, ModelInfo, SelfTestResult
+from service.domain import CoreState, EmbedResult, ModelInfo, SelfTestResult
 from service.grpc_observe import GrpcObserveInterceptor
 from service.http import Core, HttpServer, max_body_bytes
 from service.logs import add_redaction
@@ -43,6 +43,8 @@ class ObservedCore(Core, Protocol):
     def self_test_result(self) -> SelfTestResult: ...
 
     def add_state_listener(self, listener: Callable[[CoreState], None]) -> None: ...
+
+    def add_result_listener(self, listener: Callable[[EmbedResult], None]) -> None: ...
 
     def model_info(self) -> ModelInfo: ...
 
@@ -80,7 +82,10 @@ class Edge:
 
     # --- core ----------------------------------------------------------------------------------
     def observe_core(self, core: ObservedCore) -> None:
-        """Readiness, self-test, providers and queue depth into metrics; call once, any time."""
+        """Readiness, self-test, providers, queue depth and per-result stage timings into metrics.
+
+        Call once, any time (before or after start).
+        """
 
         def on_state(state: CoreState) -> None:
             self.metrics.set_ready(state == "ready")
@@ -89,7 +94,14 @@ class Edge:
                 self.metrics.set_self_test(result.passed if result.ran else None)
                 self.metrics.set_providers(core.model_info().execution_providers)
 
+        def on_result(result: EmbedResult) -> None:
+            # Once per embed result, from the core, for every front end alike.
+            t = result.timings
+            self.metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
+            self.metrics.observe_truncated(result.usage.truncated_inputs)
+
         core.add_state_listener(on_state)
+        core.add_result_listener(on_result)
         self.metrics.bind_queue(lambda: _queue(core, "queue_depth"), lambda: _queue(core, "queued_tokens"))
 
     async def start_http(self, core: Core) -> HttpServer | None:

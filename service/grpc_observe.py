@@ -4,7 +4,11 @@ Why an interceptor rather than code in the servicer: the servicer stays about pr
 only, every method (including health and reflection) is counted with the same labels as the HTTP
 front end (``api="grpc"``, ``method``, ``code`` = status name), and an RPC refused earlier by the
 auth interceptor is still counted. Request fields are read duck-typed (``inputs``,
-``token_inputs``, ``request_id``, ``usage``, ``timings``) so non-embedding methods pass through.
+``token_inputs``, ``request_id``, ``usage``) so non-embedding methods pass through.
+
+It is also the edge for request ids: the call's one id is chosen here (:func:`edge_request_id`),
+handed down through ``grpc_status.call_request_id``, sent back as ``x-request-id`` trailing
+metadata and written in the access line, so the id a client sees is the one in the log.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from service.grpc_status import Context, Continuation, is_open_method
+from service.grpc_status import REQUEST_ID_KEY, Context, Continuation, is_open_method, set_request_id
 from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 
@@ -28,37 +32,37 @@ _DEADLINE_SLACK_S = 0.005
 
 @dataclass
 class _Call:
-    """What one RPC did, filled in as its messages pass."""
+    """What one RPC did, filled in as its messages pass (stage timings are the core's to record)."""
 
-    request_id: str = ""
+    request_id: str
     inputs: int = 0
     tokens: int = 0
-    stages: list[tuple[float, float, float]] = field(default_factory=list)
-    truncated: int = 0
 
     def saw_request(self, request: Any) -> None:
         self.inputs += len(getattr(request, "inputs", ())) + len(getattr(request, "token_inputs", ()))
-        rid = getattr(request, "request_id", "")
-        # An unsafe id is refused by the servicer; it must not reach the log either.
-        if isinstance(rid, str) and is_safe_request_id(rid) and not self.request_id:
-            self.request_id = rid
 
     def saw_response(self, response: Any) -> None:
-        if not self.request_id:
-            rid = getattr(response, "request_id", "")
-            self.request_id = rid if isinstance(rid, str) and is_safe_request_id(rid) else ""
-        # A split stream answer carries usage and timings on its last part only.
+        # A split stream answer carries usage on its last part only.
         if not getattr(response, "last", True):
             return
         usage = getattr(response, "usage", None)
         if usage is not None:
             self.tokens += int(getattr(usage, "input_tokens", 0))
-            self.truncated += int(getattr(usage, "truncated_inputs", 0))
-        timings = getattr(response, "timings", None)
-        if timings is not None and getattr(timings, "total_ms", 0.0) > 0:
-            self.stages.append(
-                (timings.queue_ms / 1e3, timings.tokenize_ms / 1e3, timings.inference_ms / 1e3)
-            )
+
+
+def edge_request_id(context: Context, request: Any = None) -> str:
+    """The call's one request id: the unary message's own, else ``x-request-id`` metadata, else new.
+
+    A client-chosen id counts only when it passes the shared rule (service.logs); an unsafe one
+    is refused by the servicer and never reaches a log line.
+    """
+    rid = getattr(request, "request_id", "") if request is not None else ""
+    if isinstance(rid, str) and is_safe_request_id(rid):
+        return rid
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and is_safe_request_id(value):
+            return value
+    return new_request_id()
 
 
 class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
@@ -105,15 +109,12 @@ def _finish(
     short = method.rsplit("/", 1)[-1]
     latency = time.perf_counter() - started
     metrics.observe_request("grpc", short, name, latency, call.tokens)
-    for queue_s, tokenize_s, inference_s in call.stages:
-        metrics.observe_stages(queue_s, tokenize_s, inference_s)
-    metrics.observe_truncated(call.truncated)
     if is_open_method(method) and name == "OK":
         return  # probes poll every few seconds: counted, not logged
     log_request(
         api="grpc",
         method=short,
-        request_id=call.request_id or new_request_id(),
+        request_id=call.request_id,
         status=name,
         inputs=call.inputs,
         tokens=call.tokens,
@@ -144,7 +145,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: Context) -> Any:
-            call, started, error = _Call(), time.perf_counter(), None
+            call, started, error = _Call(edge_request_id(context, request)), time.perf_counter(), None
+            set_request_id(context, call.request_id)
             call.saw_request(request)
             try:
                 response = await inner(request, context)
@@ -165,7 +167,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         gen = handler.stream_stream if streaming else handler.unary_stream
 
         async def responses(request: Any, context: Context) -> AsyncIterator[Any]:
-            call, started, error = _Call(), time.perf_counter(), None
+            call = _Call(edge_request_id(context, None if streaming else request))
+            started, error = time.perf_counter(), None
+            set_request_id(context, call.request_id)
             if streaming:
                 request = _Requests(request, call)
             else:

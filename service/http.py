@@ -211,11 +211,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     result = await core.embed(parsed.job)
-    seen.tokens = result.usage.input_tokens
-    metrics = request.app[METRICS_KEY]
-    t = result.timings
-    metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
-    metrics.observe_truncated(result.usage.truncated_inputs)
+    seen.tokens = result.usage.input_tokens  # stage timings are recorded by the core (Edge.observe_core)
     body = embeddings_response(result, parsed.encoding_format, info.model)
     if result.vectors.size > _OFFLOAD_FLOATS:
         text = await asyncio.to_thread(json.dumps, body)

@@ -18,7 +18,7 @@ from service.core import EmbeddingCore
 from service.domain import EmbedJob, EmbedResult, Encoding, InputType, ModelInfo, TokenizeJob, Truncation
 from service.encoding import check_encoding, pack, packed_size
 from service.errors import InvalidInput, TooManyInputs
-from service.grpc_status import maps_errors, maps_stream_errors
+from service.grpc_status import call_request_id, maps_errors, maps_stream_errors
 from service.grpc_stream import EmbedStreamRun
 from service.logs import REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS, is_safe_request_id, new_request_id
 from service.pb.embedding.v1 import embedding_pb2 as pb
@@ -100,7 +100,17 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + float(remaining)
 
 
-def to_job(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> tuple[EmbedJob, Encoding]:
+def request_id_for(request: pb.EmbedRequest | pb.TokenizeRequest, index: int | None = None) -> str:
+    """The client's id, else the call's (chosen at the edge); stream message ``i`` gets ``<call>.<i>``."""
+    if request.request_id:
+        return request.request_id
+    call = call_request_id.get() or new_request_id()
+    return call if index is None else f"{call}.{index}"
+
+
+def to_job(
+    request: pb.EmbedRequest, context: grpc.aio.ServicerContext, index: int | None = None
+) -> tuple[EmbedJob, Encoding]:
     check_text_fields(request)
     encoding: Encoding = _enum(ENCODINGS, request.encoding, "encoding")
     normalize = request.normalize if request.HasField("normalize") else True
@@ -118,7 +128,7 @@ def to_job(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> tuple
         dimensions=dimensions,
         truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
         deadline=_deadline(context),
-        request_id=request.request_id or new_request_id(),
+        request_id=request_id_for(request, index),
     )
     return job, encoding
 
@@ -276,7 +286,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         """Answers in request order; the rules (no lost answer, flow control) are in grpc_stream."""
 
         async def answer(request: pb.EmbedRequest, index: int) -> list[pb.EmbedResponse]:
-            job, encoding = to_job(request, context)
+            job, encoding = to_job(request, context, index)
             result = await self._core.embed(job)
             return to_responses(result, encoding, request_index=index, max_bytes=self._max_bytes)
 
@@ -294,7 +304,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             task=request.task or None,
             instruction=request.instruction or None,
             truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
-            request_id=request.request_id or new_request_id(),
+            request_id=request_id_for(request),
             return_tokens=request.return_tokens,
         )
         result = await self._core.tokenize(job)

@@ -22,6 +22,7 @@ from svc_harness import Harness, serving
 from svc_toy import FakeRuntime
 
 from service import grpc_stream
+from service.domain import EmbedJob
 from service.logs import ACCESS_LOGGER
 from service.pb.embedding.v1 import embedding_pb2 as pb
 
@@ -166,3 +167,23 @@ async def test_aio_clients_see_the_refusal_not_internal(
         assert codes["RESOURCE_EXHAUSTED"] >= 10, codes  # the load did refuse streams
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
         assert count(h, "EmbedStream", "RESOURCE_EXHAUSTED") == codes["RESOURCE_EXHAUSTED"]
+
+
+async def test_stage_timings_are_recorded_once_per_result_by_the_core(
+    toy_bundle: Path, fake_runtime: FakeRuntime
+) -> None:
+    """Issue 15 item 4: recorded from the core for every front end, not rebuilt from reply protos."""
+    async with serving(
+        toy_bundle, fake_runtime, edge=True, max_message_bytes=64 * 1024, max_inputs_per_request=1000
+    ) as h:
+        assert h.metrics is not None
+
+        def stages() -> float:
+            return h.metrics.registry.get_sample_value("embed_queue_duration_seconds_count") or 0.0  # type: ignore[union-attr]
+
+        before = stages()
+        await h.stub.Embed(pb.EmbedRequest(inputs=["paris"]))
+        split = [r async for r in h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=["red fish"] * 1000)]))]
+        assert len(split) > 1  # one result answered in several messages
+        await h.core.embed(EmbedJob(texts=("direct",)))  # any front end, even none
+        assert stages() - before == 3
