@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -84,3 +86,11 @@ async def serving(
         await channel.close()
         await server.stop(0)
         await core.close()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll (never a fixed sleep): CI machines are slow and shared."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from svc_harness import serving
+from svc_harness import serving, wait_for
 
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.server import _server_options
@@ -47,20 +46,13 @@ def test_keepalive_and_idle_options(tmp_path: Path) -> None:
     assert "grpc.max_connection_idle_ms" not in unset
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.asyncio
 async def test_idle_connection_is_closed_and_calls_still_work(toy_bundle: Path) -> None:
     async with serving(toy_bundle, max_connection_idle_s=0.3) as h:
         await h.stub.Embed(pb.EmbedRequest(inputs=["hello world"]), timeout=10)
         assert h.channel.get_state() == grpc.ChannelConnectivity.READY
         # The server's GOAWAY after 0.3 s without a call moves the client's channel back to IDLE.
-        await wait_until(lambda: h.channel.get_state() == grpc.ChannelConnectivity.IDLE)
+        await wait_for(lambda: h.channel.get_state() == grpc.ChannelConnectivity.IDLE)
         reply = await h.stub.Embed(pb.EmbedRequest(inputs=["hello world"]), timeout=10)
         assert len(reply.embeddings) == 1
 

@@ -11,14 +11,12 @@ import collections
 import gc
 import logging
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from svc_harness import Harness, serving
+from svc_harness import Harness, serving, wait_for
 from svc_toy import FakeRuntime
 
 from service import grpc_stream
@@ -27,13 +25,6 @@ from service.logs import ACCESS_LOGGER
 from service.pb.embedding.v1 import embedding_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def count(h: Harness, method: str, code: str) -> float:

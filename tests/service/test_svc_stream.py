@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from svc_harness import Harness, serving
+from svc_harness import Harness, serving, wait_for
 from svc_toy import FakeRuntime
 
 from service.pb.embedding.v1 import embedding_pb2 as pb
@@ -51,13 +49,6 @@ BAD: dict[str, tuple[bytes, grpc.StatusCode]] = {
     "over the size limit": (message(inputs=["x" * 100_000]), grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
 LIMITS = {"max_inputs_per_request": 4, "max_message_bytes": 64 * 1024}
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def raw_stream(h: Harness) -> grpc.aio.StreamStreamCall:
