@@ -68,13 +68,16 @@ class _Checked:
     """
 
     def __init__(self, source: AsyncIterator[Any]) -> None:
-        self._source = source.__aiter__()
+        self._source = source  # iterated lazily: an unread stream must not leave a coroutine behind
+        self._iterator: AsyncIterator[Any] | None = None
 
     def __aiter__(self) -> _Checked:
         return self
 
     async def __anext__(self) -> Any:
-        request = await self._source.__anext__()
+        if self._iterator is None:
+            self._iterator = self._source.__aiter__()
+        request = await self._iterator.__anext__()
         if isinstance(request, _Unusable):
             raise request.error
         return request

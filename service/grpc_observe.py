@@ -126,14 +126,17 @@ class _Requests:
     """The request stream, counted as it is read; stays readable after an item raised."""
 
     def __init__(self, source: AsyncIterator[Any], call: _Call) -> None:
-        self._source = source.__aiter__()
+        self._source = source  # iterated lazily: an unread stream must not leave a coroutine behind
+        self._iterator: AsyncIterator[Any] | None = None
         self._call = call
 
     def __aiter__(self) -> _Requests:
         return self
 
     async def __anext__(self) -> Any:
-        request = await self._source.__anext__()
+        if self._iterator is None:
+            self._iterator = self._source.__aiter__()
+        request = await self._iterator.__anext__()
         self._call.saw_request(request)
         return request
 
