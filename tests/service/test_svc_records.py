@@ -58,13 +58,13 @@ async def test_passed_deadline_is_recorded_as_deadline_exceeded(
         runtime.started.clear()
         blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"])))
         await asyncio.to_thread(runtime.started.wait, 10)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await h.stub.Embed(pb.EmbedRequest(inputs=["london"]), timeout=0.3)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        stream = h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=["tokyo"])]), timeout=0.3)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stream.read()
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Generous deadlines: the calls must reach the server (and queue) before they pass.
+        unary = h.stub.Embed(pb.EmbedRequest(inputs=["london"]), timeout=3)
+        stream = h.stub.EmbedStream(iter([pb.EmbedRequest(inputs=["tokyo"])]), timeout=3)
+        for call in (unary, stream.read()):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await wait_for(lambda: count(h, "Embed", "DEADLINE_EXCEEDED") == 1)
         await wait_for(lambda: count(h, "EmbedStream", "DEADLINE_EXCEEDED") == 1)
         runtime.gate.set()
