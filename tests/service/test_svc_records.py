@@ -107,8 +107,10 @@ async def test_refusals_inside_streams_leave_no_unretrieved_task(
         runtime.started.clear()
         blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["paris"])))
         await asyncio.to_thread(runtime.started.wait, 10)
-        # The first is formed into the next batch, the second fills the queue.
-        queued = [asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=[t]))) for t in ("a b", "c d")]
+        # The first is formed into the next batch (out of the queue), then the second fills the queue.
+        queued = [asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["a b"])))]
+        await wait_for(lambda: h.core.batcher._in_flight == 2)  # the running batch and "a b"
+        queued.append(asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["c d"]))))
         await wait_for(lambda: h.core.batcher.queued_tokens >= 4)
         draining = asyncio.ensure_future(h.core.drain()) if refusal == "draining" else None
         for _ in range(5):
