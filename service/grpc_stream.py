@@ -8,7 +8,7 @@ them once lost answers or left a task behind. The rules this module keeps:
   arrives relative to the earlier requests' computation. Failures are entries in the same ordered
   queue as the answers, so the writer reaches them only after everything before them.
 * **Read-ahead adapts to admission.** Up to :data:`WINDOW` requests compute at once. A request the
-  batcher refuses as overloaded while this stream still has earlier work in flight waits for that
+  batcher refuses as overloaded while this stream still has other work in flight waits for that
   work and is retried, and reading stops meanwhile (HTTP/2 flow control then pushes back on the
   client): a lone stream on an idle server always completes. A request refused with nothing of its
   own stream in flight is refused like a unary call, so the queue bound holds for everyone.
@@ -65,7 +65,7 @@ class EmbedStreamRun(Generic[Req, Resp]):
         self._order: asyncio.Queue[asyncio.Task[list[Resp]] | _Failed | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Task[list[Resp]]] = {}  # started and not finished
         self._open = 0  # started and not yet written
-        self._stalled = 0  # refused as overloaded, waiting for this stream's earlier work
+        self._stalled: set[asyncio.Task[Any] | None] = set()  # refused as overloaded, waiting
         self._failed = False  # no new work: something failed, or the stream is ending
         self._changed = asyncio.Condition()
         self._reads = 0
@@ -124,7 +124,7 @@ class EmbedStreamRun(Generic[Req, Resp]):
             self._reads += 1
             async with self._changed:
                 await self._changed.wait_for(
-                    lambda: self._failed or (self._open < WINDOW and self._stalled == 0)
+                    lambda: self._failed or (self._open < WINDOW and not self._stalled)
                 )
             if self._failed:
                 continue  # draining: read and discard
@@ -141,25 +141,32 @@ class EmbedStreamRun(Generic[Req, Resp]):
         self._pending.pop(index, None)
 
     async def _run(self, request: Req, index: int) -> list[Resp]:
+        me = asyncio.current_task()
         try:
             while True:
                 try:
                     return await self._answer(request, index)
                 except Overloaded:
-                    earlier = [t for i, t in self._pending.items() if i < index]
-                    if not earlier or self._failed:
+                    # This stream's other work that is not itself waiting: once it is done, its
+                    # tokens have left the queue. (A later request may have been admitted first.)
+                    others = [t for t in self._pending.values() if t is not me and t not in self._stalled]
+                    if not others or self._failed:
                         raise
-                    await self._stall_until_done(earlier)
+                    await self._stall_until_done(others, me)
         except Exception:
             await self._stop()  # answers after this one would be discarded: read no further work
             raise
 
-    async def _stall_until_done(self, earlier: list[asyncio.Task[list[Resp]]]) -> None:
-        self._stalled += 1
+    async def _stall_until_done(
+        self, others: list[asyncio.Task[list[Resp]]], me: asyncio.Task[Any] | None
+    ) -> None:
+        """Wait for ``others``. Each stalled task waits only for tasks not stalled when it stalled,
+        so the waits can never form a cycle."""
+        self._stalled.add(me)
         try:
-            await asyncio.wait(earlier)
+            await asyncio.wait(others)
         finally:
-            self._stalled -= 1
+            self._stalled.discard(me)
             await self._notify()
 
     async def _drain(self, reader: asyncio.Future[None]) -> None:
