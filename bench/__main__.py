@@ -11,6 +11,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   long        peak RSS + latency at 1k…32k tokens, fused vs chunked           (issue 8)
   client      embedding-client overhead, embed-bulk vs capacity, load spreading (issue 13)
   fuzz_http   byte-level HTTP fuzzer vs embed-serve, rounds × 500 examples    (issue 12; docs/reliability.md)
+  fuzz        wire-level gRPC fuzzing of embed-serve, rounds × 2000 calls     (issue 12)
 
 Run one heavy scenario at a time on shared machines; each writes its section as soon as it ends.
 """
@@ -36,6 +37,7 @@ Runner = Callable[[int, bool], Section]
 def _scenarios() -> dict[str, Runner]:
     from bench import (
         client_bench,
+        fuzz_grpc,
         fuzz_http,
         long_input,
         raw_model,
@@ -59,6 +61,7 @@ def _scenarios() -> dict[str, Runner]:
         "long": models_arg(long_input.run, None),
         "client": client_bench.run,
         "fuzz_http": fuzz_http.run,
+        "fuzz": fuzz_grpc.run,
     }
 
 

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from service.errors import Unauthenticated, describe
+from service.errors import Unauthenticated
+from service.grpc_status import Continuation, is_open_method, refusing_handler
 
 logger = logging.getLogger(__name__)
 
-# Probes and `grpcurl list/describe` must work without a key: Kubernetes' native gRPC probe
-# cannot send metadata, and reflection only describes the public proto.
-OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # One message for both front ends (HTTP header names are case-insensitive; gRPC's are lowercase).
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'authorization: Bearer <key>')"
 
@@ -130,25 +128,21 @@ def _metadata_value(metadata: Any, name: str) -> str | None:
     return None
 
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-
-
 class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no stubs
     """Refuses calls without a valid ``authorization: Bearer`` key with UNAUTHENTICATED.
 
-    Health and reflection stay open. The refusal replaces the handler, so the servicer (and the
-    batcher behind it) never sees an unauthenticated request.
+    Health and reflection stay open (``grpc_status.OPEN_METHOD_PREFIXES``). The refusal replaces
+    the handler, so the servicer (and the batcher behind it) never sees an unauthenticated request.
     """
 
-    def __init__(self, keys: ApiKeys, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, keys: ApiKeys) -> None:
         self._keys = keys
-        self._on_refused = on_refused
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method: str = handler_call_details.method
-        if not self._keys.enabled or method.startswith(OPEN_GRPC_PREFIXES):
+        if not self._keys.enabled or is_open_method(method):
             return await continuation(handler_call_details)
         header = _metadata_value(handler_call_details.invocation_metadata, "authorization")
         if self._keys.accepts(bearer_token(header)):
@@ -156,27 +150,4 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED as usual
             return None
-        if self._on_refused is not None:
-            self._on_refused(method)
-        return _refusing_handler(handler)
-
-
-async def _refuse(context: Any) -> None:  # grpc.aio.ServicerContext (no stubs)
-    public = describe(Unauthenticated(UNAUTHENTICATED_MESSAGE))  # the shared error table
-    await context.abort(public.grpc_code, public.message)
-
-
-def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that aborts at once."""
-    des, ser = handler.request_deserializer, handler.response_serializer
-
-    async def unary(request: Any, context: Any) -> Any:
-        await _refuse(context)
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(unary, des, ser)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(unary, des, ser)
-    return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+        return refusing_handler(handler, Unauthenticated(UNAUTHENTICATED_MESSAGE))

@@ -63,6 +63,7 @@ SMALL_JOB_CHARS = 16_384
 # Bigger text jobs are tokenised in chunks of about this many characters, one chunk of each job
 # in the big-job lane's queue at a time: jobs take turns instead of waiting for whole requests.
 CHUNK_CHARS = 65_536
+ResultListener = Callable[[EmbedResult], None]
 
 
 def chunks(texts: tuple[str, ...], limit: int = CHUNK_CHARS) -> list[tuple[int, tuple[str, ...]]]:
@@ -100,6 +101,7 @@ class EmbeddingCore:
         self._watchdog: Watchdog | None = None
         self._state: CoreState = "starting"
         self._listeners: list[StateListener] = []
+        self._result_listeners: list[ResultListener] = []
         self._active = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -129,6 +131,10 @@ class EmbeddingCore:
     def add_state_listener(self, listener: StateListener) -> None:
         self._listeners.append(listener)
         listener(self._state)
+
+    def add_result_listener(self, listener: ResultListener) -> None:
+        """Called with every embed result, whatever the front end (stage timings, truncation)."""
+        self._result_listeners.append(listener)
 
     def _set_state(self, state: CoreState) -> None:
         self._state = state
@@ -310,7 +316,10 @@ class EmbeddingCore:
             inference_ms=out.inference_ms,
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
-        return EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
+        result = EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
+        for listener in self._result_listeners:
+            listener(result)
+        return result
 
     async def tokenize(self, job: TokenizeJob) -> TokenizeResult:
         """Exactly the ids ``embed`` would send to the model for the same texts and options."""

@@ -1,20 +1,21 @@
-"""The network edge in one object: keys, TLS, metrics, logs and the HTTP front end.
+"""The network edge in one object: who may call (API keys, TLS), how calls are seen (the gRPC
+interceptors, the metrics registry), and the HTTP front end.
 
-Why a single seam: ``server.py`` and ``__main__`` need only three calls from here (interceptors
-for ``grpc.aio.server``, a port that is secure when TLS is configured, and ``start_http`` once
-the core exists), so the gRPC core stays free of security and observability code, and tests can
-build the same edge around any core.
+Why a single seam: ``server.py`` and ``__main__`` need only a few calls from here (interceptors
+for ``grpc.aio.server``, a port that is secure when TLS is configured, the core's metrics, and
+``start_http`` once the core exists), so the gRPC core stays free of security and observability
+code, and tests can build the same edge around any core. What the metrics read from the core
+lives in ``service/core_metrics.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from service.auth import ApiKeys, GrpcAuthInterceptor
-from service.domain import CoreState, ModelInfo, SelfTestResult
+from service.core_metrics import ObservedCore, observe_core
 from service.grpc_observe import GrpcObserveInterceptor
 from service.http import Core, HttpOptions, HttpServer, max_body_bytes
 from service.logs import add_redaction
@@ -23,28 +24,6 @@ from service.settings import Settings
 from service.tls import TlsFiles, grpc_server_credentials, http_ssl_context
 
 log = logging.getLogger(__name__)
-
-
-class _Queue(Protocol):
-    @property
-    def queue_depth(self) -> int: ...
-
-    @property
-    def queued_tokens(self) -> int: ...
-
-
-class ObservedCore(Core, Protocol):
-    """What the edge reads from ``EmbeddingCore`` beyond what HTTP needs."""
-
-    @property
-    def batcher(self) -> _Queue: ...
-
-    @property
-    def self_test_result(self) -> SelfTestResult: ...
-
-    def add_state_listener(self, listener: Callable[[CoreState], None]) -> None: ...
-
-    def model_info(self) -> ModelInfo: ...
 
 
 @dataclass
@@ -80,17 +59,8 @@ class Edge:
 
     # --- core ----------------------------------------------------------------------------------
     def observe_core(self, core: ObservedCore) -> None:
-        """Readiness, self-test, providers and queue depth into metrics; call once, any time."""
-
-        def on_state(state: CoreState) -> None:
-            self.metrics.set_ready(state == "ready")
-            if state == "ready":
-                result = core.self_test_result
-                self.metrics.set_self_test(result.passed if result.ran else None)
-                self.metrics.set_providers(core.model_info().execution_providers)
-
-        core.add_state_listener(on_state)
-        self.metrics.bind_queue(lambda: _queue(core, "queue_depth"), lambda: _queue(core, "queued_tokens"))
+        """Feed this edge's metrics from ``core`` (service/core_metrics.py); call once, any time."""
+        observe_core(self.metrics, core)
 
     async def start_http(self, core: Core) -> HttpServer | None:
         """Serve HTTP (and the metrics port) on the running loop; ``None`` when no port is set."""
@@ -116,11 +86,3 @@ class Edge:
             await server.stop()
             raise
         return server
-
-
-def _queue(core: ObservedCore, attribute: str) -> float:
-    """Scrape-time read that never raises (before start-up there is no batcher yet)."""
-    try:
-        return float(getattr(core.batcher, attribute))
-    except Exception:
-        return 0.0

@@ -3,18 +3,15 @@
 Why one table: the gRPC servicer and the OpenAI-compatible HTTP facade must agree on what a
 client sees for the same failure, and a new error class must not silently become INTERNAL on one
 front end only. Domain code raises these exceptions and never talks to a transport; each front
-end converts with :func:`describe` (gRPC through :func:`maps_errors`). Anything that is not an
+end converts with :func:`describe` (gRPC through ``service.grpc_status``). Anything that is not an
 ``EmbeddingError`` is a bug or a runtime failure: the client gets a generic message naming the
 request id, and the traceback goes to the log only.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 
@@ -60,6 +57,10 @@ class DimensionsNotAllowed(InvalidInput):
     """``dimensions`` was asked for but the operator did not enable it, or it is out of range."""
 
 
+class MessageTooLarge(EmbeddingError):
+    """A request message is larger than max_message_bytes (gRPC's own code for it is kept)."""
+
+
 class Unauthenticated(EmbeddingError):
     """Missing or wrong credentials (API keys; used by the front ends)."""
 
@@ -101,6 +102,7 @@ ERROR_TABLE: dict[type[EmbeddingError], ErrorInfo] = {
     UnknownTask: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
     DimensionsNotAllowed: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
     InvalidInput: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    MessageTooLarge: ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
     Unauthenticated: ErrorInfo(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     Overloaded: ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),
     Draining: ErrorInfo(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable"),
@@ -142,54 +144,3 @@ def describe(exc: BaseException, request_id: str = "") -> PublicError:
         # RuntimeFailure carries internals in its message when raised; never send them.
         message = f"internal error (request_id={request_id or 'unknown'}); details are in the server log"
     return PublicError(info.grpc_code, info.http_status, info.kind, message, exc.field, type(exc).__name__)
-
-
-S = TypeVar("S")
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-
-
-def _request_id(request: object) -> str:
-    rid = getattr(request, "request_id", "")
-    return rid if isinstance(rid, str) else ""
-
-
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str = "") -> None:
-    """End an RPC with the status the table gives ``exc`` (raises, as ``context.abort`` does)."""
-    public = describe(exc, request_id)
-    if public.field:
-        context.set_trailing_metadata((("embed-error-field", public.field),))
-    await context.abort(public.grpc_code, public.message)
-
-
-def maps_errors(
-    handler: Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
-    """Wrap a unary gRPC handler: domain errors become their status code; others INTERNAL."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
-        try:
-            return await handler(self, request, context)
-        except Exception as exc:  # the one place handler errors are turned into statuses
-            await abort(context, exc, _request_id(request))
-            raise  # pragma: no cover - abort raises
-
-    return wrapper
-
-
-def maps_stream_errors(
-    handler: Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
-) -> Callable[[S, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    """Same for a streaming handler (an async generator): the stream ends with the mapped status."""
-
-    @functools.wraps(handler)
-    async def wrapper(self: S, requests: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        try:
-            async for item in handler(self, requests, context):
-                yield item
-        except Exception as exc:
-            await abort(context, exc, getattr(exc, "request_id", ""))
-            raise  # pragma: no cover - abort raises
-
-    return wrapper

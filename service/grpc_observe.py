@@ -4,61 +4,67 @@ Why an interceptor rather than code in the servicer: the servicer stays about pr
 only, every method (including health and reflection) is counted with the same labels as the HTTP
 front end (``api="grpc"``, ``method``, ``code`` = status name), and an RPC refused earlier by the
 auth interceptor is still counted. Request fields are read duck-typed (``inputs``,
-``token_inputs``, ``request_id``, ``usage``, ``timings``) so non-embedding methods pass through.
+``token_inputs``, ``request_id``, ``usage``) so non-embedding methods pass through.
+
+It is also the edge for request ids: the call's one id is chosen here (:func:`edge_request_id`),
+handed down through ``grpc_status.call_request_id``, sent back as ``x-request-id`` trailing
+metadata and written in the access line, so the id a client sees is the one in the log.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from service.logs import log_request, new_request_id
+from service.grpc_status import REQUEST_ID_KEY, Context, Continuation, is_open_method, set_request_id
+from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
-Context = Any  # grpc.aio.ServicerContext; grpc ships no type stubs
-# Probes poll health every few seconds; counting them is useful, logging each one is noise.
-_QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# A cancelled call counts as DEADLINE_EXCEEDED when this little (or nothing) of its deadline is left:
+# grpc core fires the server's deadline timer a few milliseconds early (6-7 ms seen with grpcio
+# 1.85), and a client cancelling this close to its own deadline is the same story either way.
+_DEADLINE_SLACK_S = 0.1
 
 
 @dataclass
 class _Call:
-    """What one RPC did, filled in as its messages pass."""
+    """What one RPC did, filled in as its messages pass (stage timings are the core's to record)."""
 
-    request_id: str = ""
+    request_id: str
     inputs: int = 0
     tokens: int = 0
-    stages: list[tuple[float, float, float]] = field(default_factory=list)
-    truncated: int = 0
 
     def saw_request(self, request: Any) -> None:
         self.inputs += len(getattr(request, "inputs", ())) + len(getattr(request, "token_inputs", ()))
-        rid = getattr(request, "request_id", "")
-        if isinstance(rid, str) and rid and not self.request_id:
-            self.request_id = rid
 
     def saw_response(self, response: Any) -> None:
-        if not self.request_id:
-            rid = getattr(response, "request_id", "")
-            self.request_id = rid if isinstance(rid, str) else ""
-        # A split stream answer carries usage and timings on its last part only.
+        # A split stream answer carries usage on its last part only.
         if not getattr(response, "last", True):
             return
         usage = getattr(response, "usage", None)
         if usage is not None:
             self.tokens += int(getattr(usage, "input_tokens", 0))
-            self.truncated += int(getattr(usage, "truncated_inputs", 0))
-        timings = getattr(response, "timings", None)
-        if timings is not None and getattr(timings, "total_ms", 0.0) > 0:
-            self.stages.append(
-                (timings.queue_ms / 1e3, timings.tokenize_ms / 1e3, timings.inference_ms / 1e3)
-            )
+
+
+def edge_request_id(context: Context, request: Any = None) -> str:
+    """The call's one request id: the unary message's own, else ``x-request-id`` metadata, else new.
+
+    A client-chosen id counts only when it passes the shared rule (service.logs); an unsafe one
+    is refused by the servicer and never reaches a log line.
+    """
+    rid = getattr(request, "request_id", "") if request is not None else ""
+    if isinstance(rid, str) and is_safe_request_id(rid):
+        return rid
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and is_safe_request_id(value):
+            return value
+    return new_request_id()
 
 
 class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no stubs
@@ -77,25 +83,40 @@ class GrpcObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc] 
         return _wrap(handler, full, self._metrics)
 
 
-def _finish(
-    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: bool
-) -> None:
+def status_name(context: Context, error: BaseException | None) -> str:
+    """The status the client got, as the server can know it.
+
+    A status set by ``abort`` is what was sent. Otherwise grpc ended the call under the handler:
+    it cancels the handler's task (``CancelledError``, or ``GeneratorExit`` when a stream's
+    generator is closed) both when the client's deadline passes and when the client cancels or
+    leaves; the remaining time tells which. Only a real exception is UNKNOWN.
+    """
     code = context.code()
-    if code is None:
-        code = grpc.StatusCode.UNKNOWN if error else grpc.StatusCode.OK
-    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if code is not None:
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if error is None:
+        return "OK"
+    if isinstance(error, Exception):
+        return "UNKNOWN"
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"
+
+
+def _finish(
+    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: BaseException | None
+) -> None:
+    name = status_name(context, error)
     short = method.rsplit("/", 1)[-1]
     latency = time.perf_counter() - started
     metrics.observe_request("grpc", short, name, latency, call.tokens)
-    for queue_s, tokenize_s, inference_s in call.stages:
-        metrics.observe_stages(queue_s, tokenize_s, inference_s)
-    metrics.observe_truncated(call.truncated)
-    if method.startswith(_QUIET_PREFIXES) and name == "OK":
-        return
+    if is_open_method(method) and name == "OK":
+        return  # probes poll every few seconds: counted, not logged
     log_request(
         api="grpc",
         method=short,
-        request_id=call.request_id or new_request_id(),
+        request_id=call.request_id,
         status=name,
         inputs=call.inputs,
         tokens=call.tokens,
@@ -103,10 +124,23 @@ def _finish(
     )
 
 
-async def _requests(source: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
-    async for request in source:
-        call.saw_request(request)
-        yield request
+class _Requests:
+    """The request stream, counted as it is read; stays readable after an item raised."""
+
+    def __init__(self, source: AsyncIterator[Any], call: _Call) -> None:
+        self._source = source  # iterated lazily: an unread stream must not leave a coroutine behind
+        self._iterator: AsyncIterator[Any] | None = None
+        self._call = call
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = self._source.__aiter__()
+        request = await self._iterator.__anext__()
+        self._call.saw_request(request)
+        return request
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc.RpcMethodHandler:
@@ -116,13 +150,16 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         inner = handler.unary_unary
 
         async def unary_unary(request: Any, context: Context) -> Any:
-            call, started, error = _Call(), time.perf_counter(), True
+            call, started, error = _Call(edge_request_id(context, request)), time.perf_counter(), None
+            set_request_id(context, call.request_id)
             call.saw_request(request)
             try:
                 response = await inner(request, context)
                 call.saw_response(response)
-                error = False
                 return response
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 _finish(metrics, method, call, context, started, error)
 
@@ -135,16 +172,20 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         gen = handler.stream_stream if streaming else handler.unary_stream
 
         async def responses(request: Any, context: Context) -> AsyncIterator[Any]:
-            call, started, error = _Call(), time.perf_counter(), True
+            call = _Call(edge_request_id(context, None if streaming else request))
+            started, error = time.perf_counter(), None
+            set_request_id(context, call.request_id)
             if streaming:
-                request = _requests(request, call)
+                request = _Requests(request, call)
             else:
                 call.saw_request(request)
             try:
                 async for response in gen(request, context):
                     call.saw_response(response)
                     yield response
-                error = False
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
                 _finish(metrics, method, call, context, started, error)
 

@@ -34,7 +34,7 @@ from service.http_schema import (
     model_card,
     parse_embeddings_request,
 )
-from service.logs import log_request, new_request_id
+from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 REQUEST_ID_HEADER = "X-Request-Id"
 _MAX_LINGER_S = 10.0
-_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # JSON is bulkier than protobuf (a token id is ~6 bytes of text vs ~3 as a varint), so the body
 # limit is a multiple of the gRPC message limit rather than equal to it.
 BODY_LIMIT_FACTOR = 4
@@ -162,7 +161,7 @@ def _from_http_exception(exc: web.HTTPException, body_limit: int) -> web.Respons
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _SAFE_REQUEST_ID.match(given) else new_request_id()
+    return given if is_safe_request_id(given) else new_request_id()
 
 
 @web.middleware
@@ -244,11 +243,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     result = await core.embed(parsed.job)
-    seen.tokens = result.usage.input_tokens
-    metrics = request.app[METRICS_KEY]
-    t = result.timings
-    metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
-    metrics.observe_truncated(result.usage.truncated_inputs)
+    seen.tokens = result.usage.input_tokens  # stage timings are recorded by the core (Edge.observe_core)
     answer = embeddings_response(result, parsed.encoding_format, info.model)
     if result.vectors.size > _OFFLOAD_FLOATS:
         text = await asyncio.to_thread(json.dumps, answer)

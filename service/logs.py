@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -28,8 +29,20 @@ _REDACTED = "[redacted]"
 _HANDLER_NAME = "embed-service"
 
 
+# A client-chosen request id is echoed in replies and written into every log line of its request,
+# so it must be short and harmless in any log format or header: both front ends apply this rule.
+REQUEST_ID_MAX_CHARS = 64
+REQUEST_ID_CHARS = "A-Z a-z 0-9 . _ : -"
+_SAFE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{REQUEST_ID_MAX_CHARS}}}")
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def is_safe_request_id(value: str) -> bool:
+    """True for 1-64 characters of ``A-Z a-z 0-9 . _ : -`` (what a client may choose)."""
+    return _SAFE_REQUEST_ID.fullmatch(value) is not None
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

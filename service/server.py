@@ -31,12 +31,13 @@ from service.core import EmbeddingCore
 from service.domain import CoreState
 from service.edge import Edge
 from service.errors import StartupError
+from service.grpc_decode import RECEIVE_HEADROOM, RequestBytesInterceptor
+from service.grpc_observe import GrpcObserveInterceptor
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
-from service.wire import MalformedRequestInterceptor
 
 log = logging.getLogger("service.server")
 
@@ -63,13 +64,33 @@ class _HealthBridge:
             await self._health.set(service, status)
 
 
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
 def _server_options(settings: Settings) -> list[tuple[str, int]]:
     limit = settings.max_message_bytes
     options = [
         ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
+        # The request-bytes guard enforces ``limit`` itself, in stream order (grpc_decode.py).
+        ("grpc.max_receive_message_length", RECEIVE_HEADROOM * limit),
         ("grpc.so_reuseport", 0),
     ]
+    # Idle and half-open connections are bounded: the server pings a silent peer and closes the
+    # connection when the ping goes unanswered (a vanished client, a dropped NAT entry), closes
+    # connections that carried no call for a while, and sends GOAWAY to clients that ping too often
+    # (each ping costs the server a wake-up; 2 strikes is grpc's default enforcement).
+    options += [
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # grpcio 1.85 closes on an unanswered ping after this one (default 60 s), not the above.
+        ("grpc.http2.ping_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+    if settings.max_connection_idle_s is not None:
+        options.append(("grpc.max_connection_idle_ms", _ms(settings.max_connection_idle_s)))
     if settings.max_connection_age_s is not None:
         # HTTP/2 connections live for hours and pin a client to the pods that existed when it
         # connected; a GOAWAY after this age makes clients re-resolve and reach new replicas.
@@ -91,11 +112,12 @@ def build_server(
     event loop. ``interceptors`` / ``credentials`` are the hooks for API keys and TLS.
     """
     limit = settings.max_message_bytes
-    server = grpc.aio.server(
-        # The malformed-bytes guard goes first: it must see requests before anyone decodes them.
-        interceptors=[MalformedRequestInterceptor(), *interceptors],
-        options=_server_options(settings),
-    )
+    chain = list(interceptors)
+    # The request-bytes guard sees requests before anyone decodes them; only the observer (which
+    # counts and logs every call, refused ones included) sits outside it.
+    at = 1 if chain and isinstance(chain[0], GrpcObserveInterceptor) else 0
+    chain.insert(at, RequestBytesInterceptor(limit))
+    server = grpc.aio.server(interceptors=chain, options=_server_options(settings))
     pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

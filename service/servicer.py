@@ -2,12 +2,11 @@
 
 Why thin: every rule (limits, instruction policy, truncation, readiness) lives in the core, so
 the HTTP facade cannot drift from gRPC. Handlers raise :mod:`service.errors` exceptions and the
-``maps_errors`` decorators turn them into status codes from the one table.
+``maps_errors`` decorators (service/grpc_status.py) turn them into status codes from the one table.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,8 +17,10 @@ from google.protobuf import struct_pb2
 from service.core import EmbeddingCore
 from service.domain import EmbedJob, EmbedResult, Encoding, InputType, ModelInfo, TokenizeJob, Truncation
 from service.encoding import check_encoding, pack, packed_size
-from service.errors import InvalidInput, TooManyInputs, maps_errors, maps_stream_errors
-from service.logs import new_request_id
+from service.errors import InvalidInput, TooManyInputs
+from service.grpc_status import call_request_id, maps_errors, maps_stream_errors
+from service.grpc_stream import EmbedStreamRun
+from service.logs import REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS, is_safe_request_id, new_request_id
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -55,14 +56,41 @@ TRUNCATION_ENUM = {"none": pb.TRUNCATION_NONE, "end": pb.TRUNCATION_END, "start"
 _ENVELOPE_BYTES = 1024
 # Bytes around one Embedding besides its vector: index, counts, flags, tags and lengths.
 _PER_EMBEDDING_BYTES = 32
-# Requests of one EmbedStream computing at once; further reads wait (gRPC flow control pushes back).
-STREAM_WINDOW = 32
 
 
 def _enum(table: dict[int, Any], value: int, name: str) -> Any:
     if value not in table:
         raise InvalidInput(f"{name}={value} is not a known value", field=name)
     return table[value]
+
+
+# Free text that is echoed, logged or put into error messages is capped before any work, so a client
+# cannot make the server compute for nothing (an answer too big to send) or write megabytes into a
+# log line. Task names are identifiers; instructions are a sentence or two in every bundle we know.
+TASK_MAX_CHARS = 128
+INSTRUCTION_MAX_CHARS = 8192
+
+
+def check_text_fields(request: pb.EmbedRequest | pb.TokenizeRequest) -> None:
+    """Refuse an unsafe ``request_id`` or an oversized ``task``/``instruction`` (never echoing them)."""
+    rid = request.request_id
+    if rid and not is_safe_request_id(rid):
+        raise InvalidInput(
+            f"request_id must be 1-{REQUEST_ID_MAX_CHARS} characters of {REQUEST_ID_CHARS} "
+            f"(got {len(rid)} characters); omit it to get a generated one",
+            field="request_id",
+        )
+    if len(request.task) > TASK_MAX_CHARS:
+        raise InvalidInput(
+            f"task names are at most {TASK_MAX_CHARS} characters (got {len(request.task)}); "
+            "GetModelInfo lists the bundle's tasks",
+            field="task",
+        )
+    if len(request.instruction) > INSTRUCTION_MAX_CHARS:
+        raise InvalidInput(
+            f"instruction is at most {INSTRUCTION_MAX_CHARS} characters (got {len(request.instruction)})",
+            field="instruction",
+        )
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -72,7 +100,18 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + float(remaining)
 
 
-def to_job(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> tuple[EmbedJob, Encoding]:
+def request_id_for(request: pb.EmbedRequest | pb.TokenizeRequest, index: int | None = None) -> str:
+    """The client's id, else the call's (chosen at the edge); stream message ``i`` gets ``<call>.<i>``."""
+    if request.request_id:
+        return request.request_id
+    call = call_request_id.get() or new_request_id()
+    return call if index is None else f"{call}.{index}"
+
+
+def to_job(
+    request: pb.EmbedRequest, context: grpc.aio.ServicerContext, index: int | None = None
+) -> tuple[EmbedJob, Encoding]:
+    check_text_fields(request)
     encoding: Encoding = _enum(ENCODINGS, request.encoding, "encoding")
     normalize = request.normalize if request.HasField("normalize") else True
     check_encoding(encoding, normalize=normalize)
@@ -89,7 +128,7 @@ def to_job(request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> tuple
         dimensions=dimensions,
         truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
         deadline=_deadline(context),
-        request_id=request.request_id or new_request_id(),
+        request_id=request_id_for(request, index),
     )
     return job, encoding
 
@@ -232,12 +271,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 field="inputs",
             )
 
-    async def _embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[EmbedResult, Encoding]:
-        job, encoding = to_job(request, context)
-        return await self._core.embed(job), encoding
-
     @maps_errors
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         job, encoding = to_job(request, context)
@@ -250,56 +283,28 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedResponse]:
-        """Read ahead (up to STREAM_WINDOW requests computing), answer strictly in order.
+        """Answers in request order; the rules (no lost answer, flow control) are in grpc_stream."""
 
-        The semaphore bounds work in flight; the queue itself is unbounded so the reader's
-        end-of-stream marker can always be delivered, even while it is being cancelled.
-        """
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        order: asyncio.Queue[asyncio.Task[tuple[EmbedResult, Encoding]] | None] = asyncio.Queue()
-        started: set[asyncio.Task[tuple[EmbedResult, Encoding]]] = set()
+        async def answer(request: pb.EmbedRequest, index: int) -> list[pb.EmbedResponse]:
+            job, encoding = to_job(request, context, index)
+            result = await self._core.embed(job)
+            return to_responses(result, encoding, request_index=index, max_bytes=self._max_bytes)
 
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    task = asyncio.ensure_future(self._embed(request, context))
-                    started.add(task)
-                    task.add_done_callback(started.discard)
-                    order.put_nowait(task)
-            finally:
-                order.put_nowait(None)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            index = 0
-            while (task := await order.get()) is not None:
-                try:
-                    result, encoding = await task
-                finally:
-                    window.release()
-                for response in to_responses(
-                    result, encoding, request_index=index, max_bytes=self._max_bytes
-                ):
-                    yield response
-                index += 1
-            await reader  # surface a broken request stream
-        finally:
-            reader.cancel()
-            for task in list(started):
-                task.cancel()  # the client left or a request failed: drop queued work
+        async for response in EmbedStreamRun(request_iterator, answer).responses():
+            yield response
 
     @maps_errors
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
+        check_text_fields(request)
         job = TokenizeJob(
             texts=tuple(request.inputs),
             input_type=_enum(INPUT_TYPES, request.input_type, "input_type"),
             task=request.task or None,
             instruction=request.instruction or None,
             truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
-            request_id=request.request_id or new_request_id(),
+            request_id=request_id_for(request),
             return_tokens=request.return_tokens,
         )
         result = await self._core.tokenize(job)

@@ -81,6 +81,26 @@ class Settings(BaseSettings):
         default=False,
         description="Accept token ids as HTTP `input` (this model's vocabulary, not OpenAI's tiktoken ids).",
     )
+    max_connection_idle_s: float | None = Field(
+        default=300.0,
+        gt=0,
+        description="Close a gRPC connection that carried no call for this long (GOAWAY; clients reconnect).",
+    )
+    keepalive_time_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Ping a gRPC client after this long without traffic, to find half-open connections.",
+    )
+    keepalive_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Close a gRPC connection whose keepalive ping is not answered in this long.",
+    )
+    min_client_ping_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Min gap between client pings; 2 faster pings get GOAWAY (gRPC keepalive enforcement).",
+    )
     grace_period_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM: NOT_SERVING at once, finish accepted work within this."
     )

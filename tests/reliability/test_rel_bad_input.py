@@ -25,6 +25,7 @@ from rel_harness import ThreadedServer, stubs
 from rel_toy import DIM, MAX_TOKENS, TASKS, TEMPLATE, VOCAB, toy_tokenizer
 
 from service.encoding import decode, packed_size
+from service.logs import is_safe_request_id
 from service.pb.embedding.v1 import embedding_pb2 as pb
 
 MAX_INPUTS = 64
@@ -169,6 +170,8 @@ def test_grpc_embed_request_fields(server, inputs, token_inputs, input_type, tas
         broken.add(INVALID)
     if dimensions is not None and not 1 <= dimensions <= DIM:
         broken.add(INVALID)
+    if request_id and not is_safe_request_id(request_id):
+        broken.add(INVALID)  # the one request-id rule (service.logs), checked before any work
     mode = {0: "none", 1: "none", 2: "end", 3: "start"}.get(truncation, "none")
     kind = "query" if input_type == 1 else "document"
     broken |= text_rules(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +16,8 @@ from grpc_health.v1 import health_pb2_grpc
 
 from bundle.manifest import Manifest
 from service.core import EmbeddingCore, ort_runtime
+from service.edge import Edge
+from service.metrics import Metrics
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.runtime import Runtime
 from service.server import build_server
@@ -40,14 +45,27 @@ class Harness:
     server: grpc.aio.Server
     port: int
     settings: Settings
+    metrics: Metrics | None = None
 
 
 @asynccontextmanager
-async def serving(bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> AsyncIterator[Harness]:
-    """Core + gRPC server on 127.0.0.1:0 and a real grpc.aio channel to it."""
+async def serving(
+    bundle: Path, runtime: Runtime | None = None, *, edge: bool = False, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """Core + gRPC server on 127.0.0.1:0 and a real grpc.aio channel to it.
+
+    ``edge=True`` wires the interceptors ``serve`` uses (metrics, access log, API keys).
+    """
     settings = settings_for(bundle, **overrides)
-    core = EmbeddingCore(settings, runtime_factory=factory_for(runtime))
-    server, port = build_server(settings, core)
+    wired = Edge.from_settings(settings) if edge else None
+    core = EmbeddingCore(
+        settings,
+        runtime_factory=factory_for(runtime),
+        on_batch=wired.metrics.observe_batch if wired is not None else None,
+    )
+    if wired is not None:
+        wired.observe_core(core)
+    server, port = build_server(settings, core, interceptors=wired.grpc_interceptors() if wired else ())
     await server.start()
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{port}",
@@ -63,8 +81,57 @@ async def serving(bundle: Path, runtime: Runtime | None = None, **overrides: Any
             server,
             port,
             settings,
+            wired.metrics if wired is not None else None,
         )
     finally:
         await channel.close()
         await server.stop(0)
         await core.close()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll (never a fixed sleep): CI machines are slow and shared."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+class ThreadedServing:
+    """:func:`serving` on a private event loop in a daemon thread, for synchronous callers."""
+
+    def __init__(self, bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> None:
+        self._args = (bundle, runtime, overrides)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.harness: Harness | None = None
+        self._thread = threading.Thread(target=self._main, name="svc-server", daemon=True)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        bundle, runtime, overrides = self._args
+        self._stop = asyncio.Event()
+        try:
+            async with serving(bundle, runtime, **overrides) as h:
+                self.harness = h
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def __enter__(self) -> Harness:
+        self._thread.start()
+        if not self._ready.wait(120) or self.harness is None:
+            raise RuntimeError(f"in-process server did not start: {self._error!r}")
+        return self.harness
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)

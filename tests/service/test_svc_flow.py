@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from svc_harness import serving, settings_for
+from svc_harness import serving, settings_for, wait_for
 from svc_toy import CLS, SEP, FakeRuntime, content_ids, toy_tokenizer
 
 from service.core import EmbeddingCore
@@ -22,13 +20,6 @@ from service.server import build_server, shutdown
 
 pytestmark = pytest.mark.asyncio
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def model_ids(text: str) -> list[int]:

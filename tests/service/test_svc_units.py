@@ -23,6 +23,7 @@ ROWS = [
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE, 503),
     (errors.Draining, grpc.StatusCode.UNAVAILABLE, 503),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (errors.MessageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     (errors.RuntimeFailure, grpc.StatusCode.INTERNAL, 500),
 ]
 
