@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 CACHE = Path(".cache/bench")
+# bench variant name -> export.quantize method (the same quantiser the export ships)
+INT8_VARIANTS = {"int8_dynamic": "dynamic", "int8_qdq": "qdq", "int8_pertoken": "per-token"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,8 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
 
 def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
     """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, fp16, int8_dynamic,
-    int8_qdq, int8_pertoken. int8 graphs are quantised from the fused graph with query-chunked attention
+    int8_qdq, int8_pertoken. int8 graphs are quantised by ``export.quantize`` (as the export does)
+    from the fused graph with query-chunked attention
     (MLP unchunked: the quantisers do not rewrite MatMuls inside Loop bodies)."""
     out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
     if out.exists():
@@ -76,7 +79,7 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
     out.parent.mkdir(parents=True, exist_ok=True)
     from export.checkpoint import load_checkpoint
     from export.passes import apply_graph_variant
-    from export.passes.int8 import quantize_dynamic_int8, quantize_static_qdq
+    from export.quantize import quantize
     from export.to_onnx import export_onnx
 
     ckpt = load_checkpoint(folder)
@@ -93,38 +96,29 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
         )
-    elif variant in ("int8_dynamic", "int8_qdq", "int8_pertoken"):
+    elif variant in INT8_VARIANTS:
         base = out.parent / "base.onnx"
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
         )
-        if variant == "int8_dynamic":
-            quantize_dynamic_int8(base, out)
-        elif variant == "int8_pertoken":
-            import onnx
-
-            from export.passes.int8_per_token import quantize_per_token
-
-            model = onnx.load(str(base))
-            quantize_per_token(model)
-            onnx.save(model, str(out))
-        else:
-            quantize_static_qdq(base, out, calibration_batches(ckpt.vocab_size))
+        method = INT8_VARIANTS[variant]
+        quantize(base, out, method, calibration_feeds(ckpt.vocab_size) if method == "qdq" else ())
         base.unlink()
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
 
 
-def calibration_batches(vocab: int, n: int = 8) -> list[tuple[Any, Any]]:
+def calibration_feeds(vocab: int, n: int = 8) -> list[dict[str, Any]]:
     """Random-token calibration set (random weights: there is no real text distribution to match)."""
     import numpy as np
 
     rng = np.random.default_rng(1)
-    out = []
-    for length in [16, 32, 64, 128, 256, 48, 96, 200][:n]:
-        out.append((rng.integers(0, vocab, (4, length)), np.ones((4, length), np.int64)))
-    return out
+    lengths = [16, 32, 64, 128, 256, 48, 96, 200][:n]
+    return [
+        {"input_ids": rng.integers(0, vocab, (4, k)), "attention_mask": np.ones((4, k), np.int64)}
+        for k in lengths
+    ]
 
 
 def minilm_onnx() -> Path:
@@ -142,13 +136,14 @@ def minilm_onnx() -> Path:
     return out
 
 
-def minilm_int8() -> Path:
-    from export.passes.int8 import quantize_dynamic_int8
+def minilm_int8(method: str = "dynamic") -> Path:
+    """The real all-MiniLM-L6-v2 quantised the way ``embed-export --int8-method`` does it."""
+    from export.quantize import quantize
 
-    out = CACHE / "minilm-onnx" / "int8_dynamic" / "model.onnx"
+    out = CACHE / "minilm-onnx" / f"int8_{method}" / "model.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        quantize_dynamic_int8(minilm_onnx(), out)
+        quantize(minilm_onnx(), out, method)
     return out
 
 

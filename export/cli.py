@@ -16,6 +16,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from export.families import supported_summary
+from export.quantize import INT8_METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument(
         "--int8-method",
-        choices=["dynamic", "weight-only", "qdq"],
+        choices=list(INT8_METHODS),
         default="dynamic",
-        help="dynamic: fastest on CPU, batch-dependent (served one text per run); "
+        help="dynamic: fast on CPU, batch-dependent (served one text per run); "
+        "per-token: fast on CPU, one activation scale per token, batch invariant (served batched); "
         "weight-only: MatMulNBits, CPU/CUDA, batch invariant; qdq: static QDQ for TensorRT",
     )
     p.add_argument("--revision", help="hub revision (commit, tag or branch)")

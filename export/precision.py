@@ -145,9 +145,7 @@ def produce(
         chunk, mlp = _graph_passes(work / name, ckpt, options, quantize_next=True)
         del embedder  # the quantiser needs the memory more than we need the torch model
         calibration = (
-            quantize.calibration_batches(ckpt, options.validation_max_length)
-            if options.int8_method == "qdq"
-            else []
+            _calibration(ckpt, options.validation_max_length) if options.int8_method == "qdq" else []
         )
         result = quantize.quantize(
             work / name, stage / name, options.int8_method, calibration, external_data=options.external_data
@@ -161,6 +159,15 @@ def produce(
         attention_query_chunk=chunk,
         mlp_chunk=mlp,
     )
+
+
+def _calibration(ckpt: Checkpoint, max_length: int) -> list[quantize.Feed]:
+    """The validation corpus drawn with a different seed from the gate's (see calibration_feeds)."""
+    from export.corpus import CorpusTokenizer, validation_sequences
+
+    tok = CorpusTokenizer(ckpt)
+    seqs = validation_sequences(tok, ckpt.prompts, min(max_length, ckpt.max_input_tokens), seed=1)
+    return quantize.calibration_feeds(seqs)
 
 
 def _graph_passes(

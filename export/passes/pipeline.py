@@ -23,10 +23,10 @@ from typing import Literal
 import onnx
 from onnx import external_data_helper
 
-from export.passes._graph import PassError, op_counts, opset_version
 from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
+from export.passes.onnx_proto import PassError, op_counts, opset_version
 
 GraphVariant = Literal["plain", "fused", "chunked"]
 GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked")

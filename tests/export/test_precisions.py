@@ -18,7 +18,7 @@ from export.checkpoint import load_checkpoint
 from export.cli import main
 from export.corpus import CorpusTokenizer, validation_sequences
 from export.errors import QuantizationError, ValidationFailed
-from export.quantize import calibration_batches, quantize, verify_ops
+from export.quantize import calibration_feeds, quantize, verify_ops
 from export.reference import Reference
 from export.validate import gate, measure, ort_session
 
@@ -65,6 +65,18 @@ def test_int8_dynamic_via_cli_is_marked_batch_dependent(tiny_qwen2_checkpoint: P
     assert int(manifest.validation["ops_MatMulInteger"]) == int(manifest.validation["quantized_matmuls"]) > 0
 
 
+def test_int8_per_token_bundle_is_batch_invariant(tiny_qwen2_checkpoint: Path, tmp_path: Path) -> None:
+    """per-token is a real export method: gated on every run (padded batches too), served batched."""
+    manifest = export_bundle(
+        tiny_qwen2_checkpoint, tmp_path / "b", "int8", int8_method="per-token", validation_max_length=32
+    )
+    v = manifest.validation
+    assert manifest.batch_invariant is True and v["gated_on"] == "all runs"
+    assert v["int8_method"] == "per-token"
+    assert int(v["ops_MatMulIntegerToFloat"]) == int(v["quantized_matmuls"]) == 14
+    assert float(v["min_cos"]) > 0.99 and float(v["batch_min_cos"]) > 0.99999
+
+
 def _fp32_graph(bundle: Path, tmp_path: Path) -> Path:
     """A copy of a fixture bundle's fp32 graph (+ external data) to quantise."""
     work = tmp_path / "fp32"
@@ -75,24 +87,28 @@ def _fp32_graph(bundle: Path, tmp_path: Path) -> Path:
     return work / manifest.graph.file
 
 
-@pytest.mark.parametrize("method", ["dynamic", "weight-only", "qdq"])
+@pytest.mark.parametrize("method", ["dynamic", "per-token", "weight-only", "qdq"])
 @pytest.mark.parametrize("family", ["qwen2", "bert"])
 def test_int8_methods_against_reference(
     method: str, family: str, tiny_qwen2_bundle: Path, minilm_bundle: Path, tmp_path: Path
 ) -> None:
     bundle = tiny_qwen2_bundle if family == "qwen2" else minilm_bundle
     ckpt = load_checkpoint(Path(load_manifest(bundle).source.id) if family == "qwen2" else minilm_dir())
-    calibration = calibration_batches(ckpt, 32) if method == "qdq" else []
+    tok = CorpusTokenizer(ckpt)
+    calibration = (
+        calibration_feeds(validation_sequences(tok, ckpt.prompts, 32, seed=1)) if method == "qdq" else []
+    )
     dst = tmp_path / "q" / "model.onnx"
     dst.parent.mkdir()
     result = quantize(_fp32_graph(bundle, tmp_path), dst, method, calibration)  # type: ignore[arg-type]
     assert result.batch_invariant is (method != "dynamic")
-    seqs = validation_sequences(CorpusTokenizer(ckpt), ckpt.prompts, 32)
+    seqs = validation_sequences(tok, ckpt.prompts, 32)
     reference = Reference(ckpt.family.name, ckpt.config, ckpt.weight_files, ckpt.pooling)
     measured = measure(ort_session(dst, 1), reference, seqs, ckpt.pad_id)
-    if family == "bert" and method == "qdq":
+    if family == "bert" and method in ("qdq", "per-token"):
         # Static per-tensor W8A8 does not reach int8's cosine bar on all-MiniLM-L6-v2 (0.93–0.96
-        # with any calibration we tried): the gate must refuse it rather than ship it.
+        # with any calibration we tried), nor does plain per-token W8A8 on the shortest inputs
+        # (0.986 on "[CLS] [SEP]"): the gate must refuse them rather than ship them.
         with pytest.raises(ValidationFailed, match="min cosine"):
             gate(measured, "int8", result.batch_invariant)
         return
@@ -104,7 +120,7 @@ def test_int8_methods_against_reference(
 
 def test_unquantised_graph_is_refused(tiny_qwen2_bundle: Path, tmp_path: Path) -> None:
     src = _fp32_graph(tiny_qwen2_bundle, tmp_path)
-    for method in ("dynamic", "weight-only", "qdq"):
+    for method in ("dynamic", "per-token", "weight-only", "qdq"):
         with pytest.raises(QuantizationError, match="not \\(fully\\) quantised"):
             verify_ops(src, method, 14)  # type: ignore[arg-type]
 

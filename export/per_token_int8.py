@@ -1,4 +1,6 @@
-"""Per-token (per-row) int8 activations: batch-invariant inside a padded batch, by construction.
+"""The ``per-token`` int8 graph rewrite behind :func:`export.quantize.quantize` (call that, not this).
+
+Per-token (per-row) int8 activations are batch-invariant inside a padded batch, by construction.
 
 Why: ``quantize_dynamic`` takes one activation scale over the whole ``[B, S, K]`` tensor, so
 padding and neighbours move every text's vector. A scale per row (token) depends only on that
@@ -18,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.passes._graph import Names, PassError, make_node, topo_sort
+from export.passes.onnx_proto import Names, PassError, make_node, subgraph_outer_reads
 
 _EPS = 1e-12
 
@@ -30,8 +32,9 @@ def _quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def quantize_per_token(model: onnx.ModelProto) -> int:
-    """Rewrite every top-level MatMul with a constant 2-D fp32 weight; returns how many changed.
+def quantize_per_token(model: onnx.ModelProto, nodes: set[str] | None = None) -> int:
+    """Rewrite top-level MatMuls with a constant 2-D fp32 weight (only those named in ``nodes``,
+    when given); returns how many changed.
 
     Loads weights into memory (the int8 copies replace them), so it is meant for models that fit
     in RAM, like ORT's own quantisers.
@@ -59,7 +62,13 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
     changed = 0
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+        wanted = nodes is None or node.name in nodes
+        if (
+            not wanted
+            or weight is None
+            or len(weight.dims) != 2
+            or weight.data_type != onnx.TensorProto.FLOAT
+        ):
             new_nodes.append(node)
             continue
         wq, wscale = _quantize_weight(numpy_helper.to_array(weight))
@@ -92,10 +101,11 @@ def quantize_per_token(model: onnx.ModelProto) -> int:
         raise PassError("no MatMul with a constant 2-D float weight to quantise")
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
+    used = {
+        i for n in graph.node for i in [*n.input, *subgraph_outer_reads(n)]
+    }  # Loop bodies read weights too
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    topo_sort(graph)
     return changed
