@@ -4,7 +4,7 @@ Why cached: the 0.5B-shaped export takes about a minute and 2 GB; every scenario
 of one) reuses the same files, so repeated runs compare the same graphs. The cache key is the
 shape, so changing a shape rebuilds.
 
-Graphs come from the project's own export code (``export.graph`` + ``export.to_onnx``) and
+Graphs come from the project's own export code (``export.embedder`` + ``export.to_onnx``) and
 passes (``export.passes``): what is measured is what ships.
 """
 
@@ -63,7 +63,7 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
     import torch
 
     from export.checkpoint import load_checkpoint
-    from export.graph import build_embedder
+    from export.embedder import build_embedder
 
     return build_embedder(load_checkpoint(folder), dtype=dtype or torch.float32)
 
@@ -102,7 +102,9 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
         )
         method = INT8_VARIANTS[variant]
-        quantize(base, out, method, calibration_feeds(ckpt.vocab_size) if method == "qdq" else ())
+        quantize(
+            base, out, method, calibration_feeds(ckpt.vocab_size) if method in ("qdq", "per-token") else ()
+        )
         base.unlink()
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -121,29 +123,41 @@ def calibration_feeds(vocab: int, n: int = 8) -> list[dict[str, Any]]:
     ]
 
 
-def minilm_onnx() -> Path:
-    """The real all-MiniLM-L6-v2 exported plain (opset 20): BERT has no opset-23 fusions to gain."""
+def minilm_onnx(variant: str = "plain") -> Path:
+    """The real all-MiniLM-L6-v2 exported plain (opset 20), or rewritten into ``ort-fused`` (BERT fp32
+    default) by the export's own pass."""
     from export.assets import minilm_dir
     from export.checkpoint import load_checkpoint
+    from export.passes import apply_graph_variant
     from export.to_onnx import export_onnx
 
-    out = CACHE / "minilm-onnx" / "plain" / "model.onnx"
+    out = CACHE / "minilm-onnx" / variant / "model.onnx"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if variant != "plain":
+        apply_graph_variant(minilm_onnx(), variant, num_heads=12, out=out)  # type: ignore[arg-type]
+        return out
     ckpt = load_checkpoint(minilm_dir())
     export_onnx(embedder(minilm_dir()), out, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size, opset=20)
     return out
 
 
 def minilm_int8(method: str = "dynamic") -> Path:
-    """The real all-MiniLM-L6-v2 quantised the way ``embed-export --int8-method`` does it."""
-    from export.quantize import quantize
+    """The real all-MiniLM-L6-v2 quantised the way ``embed-export --int8-method`` does it (same
+    quantiser, same calibration ids: the validation corpus with the export's calibration seed)."""
+    from export.assets import minilm_dir
+    from export.checkpoint import load_checkpoint
+    from export.corpus import CorpusTokenizer, validation_sequences
+    from export.precision import CALIBRATED
+    from export.quantize import calibration_feeds, quantize
 
     out = CACHE / "minilm-onnx" / f"int8_{method}" / "model.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        quantize(minilm_onnx(), out, method)
+        ckpt = load_checkpoint(minilm_dir())
+        seqs = validation_sequences(CorpusTokenizer(ckpt), ckpt.prompts, 64, seed=1)
+        quantize(minilm_onnx(), out, method, calibration_feeds(seqs) if method in CALIBRATED else ())  # type: ignore[arg-type]
     return out
 
 

@@ -22,6 +22,13 @@ Pooling = Literal["last_token", "mean", "cls"]
 Precision = Literal["fp32", "fp16", "int8"]
 InputType = Literal["query", "document"]
 
+# --- graph variants (export/passes, export/ort_fusion): which rewrite of the exported graph a
+# bundle carries. Kept apart from the shared definitions above so parallel edits merge cleanly.
+# plain: the exporter's graph; fused / chunked: opset-23 Attention (+ query-chunked attention and
+# MLP); ort-fused: BERT attention as ONNX Runtime's com.microsoft.Attention (ORT-only contrib op).
+GraphVariant = Literal["plain", "fused", "chunked", "ort-fused"]
+GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked", "ort-fused")
+
 
 class BundleError(Exception):
     """A bundle cannot be used: missing, malformed, tampered or inconsistent. Says which file."""
@@ -58,6 +65,9 @@ class GraphSpec(_Strict):
     attention_query_chunk: int | None = None
     # Tokens per block when the MLP is computed in sequence blocks; None when in one piece.
     mlp_chunk: int | None = None
+    # Which rewrite of the exported graph this is (see GraphVariant); None in bundles written
+    # before the field existed.
+    variant: GraphVariant | None = None
 
 
 class ModelShape(_Strict):

@@ -6,9 +6,10 @@ Four methods for different consumers, each checked for the ops it must contain:
   Fast on CPU, but its activation scale is one number per tensor *over the whole batch*,
   padding included, so a text's vector depends on its neighbours. The bundle says so
   (``batch_invariant = False``) and the service runs such bundles one text per run.
-* ``per-token`` — W8A8 with one activation scale per row (token), see
-  :mod:`export.per_token_int8`: a row's scale depends only on that row, so the same text gives
-  the same vector alone or in a padded batch. Batch invariant; served batched like fp32.
+* ``per-token`` (default) — W8A8 with one activation scale per row (token) after SmoothQuant
+  channel smoothing calibrated on text, see :mod:`export.per_token_int8`: a row's scale depends
+  only on that row, so the same text gives the same vector alone or in a padded batch. Batch
+  invariant; served batched like fp32.
 * ``weight-only`` — ``MatMulNBits`` with 8-bit blocks (QOperator format), fp32 compute. Batch
   invariant, runs on the CPU and CUDA EPs, about fp32 speed on CPU.
 * ``qdq`` — static ``QuantizeLinear/DequantizeLinear`` (symmetric, per-channel weights, scales
@@ -156,7 +157,8 @@ def quantize(
 ) -> Quantized:
     """Quantise the fp32 graph ``src`` into ``dst`` with ``method`` and verify the result's ops.
 
-    ``calibration`` (see :func:`calibration_feeds`) is required for ``qdq`` and ignored otherwise.
+    ``calibration`` (see :func:`calibration_feeds`) is required for ``qdq``; for ``per-token`` it
+    turns on smoothing (the export always passes it); other methods ignore it.
     """
     if method not in _QUANTISED_OPS:
         raise QuantizationError(f"unknown int8 method {method!r}; choose {', '.join(INT8_METHODS)}")
@@ -170,6 +172,35 @@ def quantize(
     checks = verify_ops(dst, method, len(targets), len(keep_float))
     files = sorted(p.name for p in dst.parent.iterdir() if p.is_file() and p.name.startswith(dst.name + "."))
     return Quantized(files, batch_invariant=method != "dynamic", checks=checks)
+
+
+def channel_max(src: Path, calibration: Sequence[Feed], targets: list[str]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each target MatMul's input over the calibration runs (fp32 graph),
+    for per-token smoothing. The probe graph is written next to ``src`` so external data resolves."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src), load_external_data=False)
+    wanted = set(targets)
+    inputs = sorted({n.input[0] for n in model.graph.node if n.name in wanted})
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in inputs
+    )
+    probe = src.parent / f".{src.name}.probe"
+    onnx.save(model, str(probe))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        result = {x: np.zeros(0, np.float32) for x in inputs}
+        for feed in calibration:
+            ints = {name: np.asarray(v, dtype=np.int64) for name, v in feed.items()}
+            for x, value in zip(inputs, session.run(inputs, ints), strict=True):
+                rows = np.abs(np.asarray(value)).reshape(-1, value.shape[-1]).max(axis=0)
+                result[x] = rows if result[x].size == 0 else np.maximum(result[x], rows)
+        return result
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _run(
@@ -195,8 +226,9 @@ def _run(
     elif method == "per-token":
         from export.per_token_int8 import quantize_per_token
 
+        amax = channel_max(src, calibration, targets) if calibration else None
         model = onnx.load(str(src))
-        quantize_per_token(model, set(targets))
+        quantize_per_token(model, set(targets), amax)
         onnx.save(model, str(dst), save_as_external_data=use_ext, location=dst.name + ".data")
     elif method == "weight-only":
         config = DefaultWeightOnlyQuantConfig(
