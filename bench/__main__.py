@@ -12,6 +12,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   client      embedding-client overhead, embed-bulk vs capacity, load spreading (issue 13)
   fuzz_http   byte-level HTTP fuzzer vs embed-serve, rounds × 500 examples    (issue 12; docs/reliability.md)
   fuzz        wire-level gRPC fuzzing of embed-serve, rounds × 2000 calls     (issue 12)
+  minilm      real MiniLM: plain vs ort-fused fp32, int8 routes, quality       (issue 11 §1–2)
 
 Run one heavy scenario at a time on shared machines; each writes its section as soon as it ends.
 """
@@ -40,6 +41,7 @@ def _scenarios() -> dict[str, Runner]:
         fuzz_grpc,
         fuzz_http,
         long_input,
+        minilm,
         raw_model,
         serialization,
         service_load,
@@ -62,6 +64,7 @@ def _scenarios() -> dict[str, Runner]:
         "client": client_bench.run,
         "fuzz_http": fuzz_http.run,
         "fuzz": fuzz_grpc.run,
+        "minilm": lambda r, q: minilm.run(r, q),
     }
 
 

@@ -4,7 +4,7 @@ Why cached: the 0.5B-shaped export takes about a minute and 2 GB; every scenario
 of one) reuses the same files, so repeated runs compare the same graphs. The cache key is the
 shape, so changing a shape rebuilds.
 
-Graphs come from the project's own export code (``export.graph`` + ``export.to_onnx``) and
+Graphs come from the project's own export code (``export.embedder`` + ``export.to_onnx``) and
 passes (``export.passes``): what is measured is what ships.
 """
 
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 CACHE = Path(".cache/bench")
+# bench variant name -> export.quantize method (the same quantiser the export ships)
+INT8_VARIANTS = {"int8_dynamic": "dynamic", "int8_qdq": "qdq", "int8_pertoken": "per-token"}
 
 
 @dataclass(frozen=True)
@@ -61,14 +63,15 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
     import torch
 
     from export.checkpoint import load_checkpoint
-    from export.graph import build_embedder
+    from export.embedder import build_embedder
 
     return build_embedder(load_checkpoint(folder), dtype=dtype or torch.float32)
 
 
 def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
     """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, fp16, int8_dynamic,
-    int8_qdq, int8_pertoken. int8 graphs are quantised from the fused graph with query-chunked attention
+    int8_qdq, int8_pertoken. int8 graphs are quantised by ``export.quantize`` (as the export does)
+    from the fused graph with query-chunked attention
     (MLP unchunked: the quantisers do not rewrite MatMuls inside Loop bodies)."""
     out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
     if out.exists():
@@ -76,7 +79,7 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
     out.parent.mkdir(parents=True, exist_ok=True)
     from export.checkpoint import load_checkpoint
     from export.passes import apply_graph_variant
-    from export.passes.int8 import quantize_dynamic_int8, quantize_static_qdq
+    from export.quantize import quantize
     from export.to_onnx import export_onnx
 
     ckpt = load_checkpoint(folder)
@@ -93,62 +96,68 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
         )
-    elif variant in ("int8_dynamic", "int8_qdq", "int8_pertoken"):
+    elif variant in INT8_VARIANTS:
         base = out.parent / "base.onnx"
         apply_graph_variant(
             onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
         )
-        if variant == "int8_dynamic":
-            quantize_dynamic_int8(base, out)
-        elif variant == "int8_pertoken":
-            import onnx
-
-            from export.passes.int8_per_token import quantize_per_token
-
-            model = onnx.load(str(base))
-            quantize_per_token(model)
-            onnx.save(model, str(out))
-        else:
-            quantize_static_qdq(base, out, calibration_batches(ckpt.vocab_size))
+        method = INT8_VARIANTS[variant]
+        quantize(
+            base, out, method, calibration_feeds(ckpt.vocab_size) if method in ("qdq", "per-token") else ()
+        )
         base.unlink()
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return out
 
 
-def calibration_batches(vocab: int, n: int = 8) -> list[tuple[Any, Any]]:
+def calibration_feeds(vocab: int, n: int = 8) -> list[dict[str, Any]]:
     """Random-token calibration set (random weights: there is no real text distribution to match)."""
     import numpy as np
 
     rng = np.random.default_rng(1)
-    out = []
-    for length in [16, 32, 64, 128, 256, 48, 96, 200][:n]:
-        out.append((rng.integers(0, vocab, (4, length)), np.ones((4, length), np.int64)))
-    return out
+    lengths = [16, 32, 64, 128, 256, 48, 96, 200][:n]
+    return [
+        {"input_ids": rng.integers(0, vocab, (4, k)), "attention_mask": np.ones((4, k), np.int64)}
+        for k in lengths
+    ]
 
 
-def minilm_onnx() -> Path:
-    """The real all-MiniLM-L6-v2 exported plain (opset 20): BERT has no opset-23 fusions to gain."""
+def minilm_onnx(variant: str = "plain") -> Path:
+    """The real all-MiniLM-L6-v2 exported plain (opset 20), or rewritten into ``ort-fused`` (BERT fp32
+    default) by the export's own pass."""
     from export.assets import minilm_dir
     from export.checkpoint import load_checkpoint
+    from export.passes import apply_graph_variant
     from export.to_onnx import export_onnx
 
-    out = CACHE / "minilm-onnx" / "plain" / "model.onnx"
+    out = CACHE / "minilm-onnx" / variant / "model.onnx"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if variant != "plain":
+        apply_graph_variant(minilm_onnx(), variant, num_heads=12, out=out)  # type: ignore[arg-type]
+        return out
     ckpt = load_checkpoint(minilm_dir())
     export_onnx(embedder(minilm_dir()), out, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size, opset=20)
     return out
 
 
-def minilm_int8() -> Path:
-    from export.passes.int8 import quantize_dynamic_int8
+def minilm_int8(method: str = "dynamic") -> Path:
+    """The real all-MiniLM-L6-v2 quantised the way ``embed-export --int8-method`` does it (same
+    quantiser, same calibration ids: the validation corpus with the export's calibration seed)."""
+    from export.assets import minilm_dir
+    from export.checkpoint import load_checkpoint
+    from export.corpus import CorpusTokenizer, validation_sequences
+    from export.precision import CALIBRATED
+    from export.quantize import calibration_feeds, quantize
 
-    out = CACHE / "minilm-onnx" / "int8_dynamic" / "model.onnx"
+    out = CACHE / "minilm-onnx" / f"int8_{method}" / "model.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        quantize_dynamic_int8(minilm_onnx(), out)
+        ckpt = load_checkpoint(minilm_dir())
+        seqs = validation_sequences(CorpusTokenizer(ckpt), ckpt.prompts, 64, seed=1)
+        quantize(minilm_onnx(), out, method, calibration_feeds(seqs) if method in CALIBRATED else ())  # type: ignore[arg-type]
     return out
 
 

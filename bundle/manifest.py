@@ -28,6 +28,12 @@ InputType = Literal["query", "document"]
 # precision. bf16 is not a bundle precision but TensorRT may compute in it. fp32 leaves room for
 # TF32 / kernel-order differences.
 COSINE_BOUND: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, "int8": 0.99}
+# --- graph variants (export/passes, export/ort_fusion): which rewrite of the exported graph a
+# bundle carries. Kept apart from the shared definitions above so parallel edits merge cleanly.
+# plain: the exporter's graph; fused / chunked: opset-23 Attention (+ query-chunked attention and
+# MLP); ort-fused: BERT attention as ONNX Runtime's com.microsoft.Attention (ORT-only contrib op).
+GraphVariant = Literal["plain", "fused", "chunked", "ort-fused"]
+GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked", "ort-fused")
 
 
 class BundleError(Exception):
@@ -65,6 +71,9 @@ class GraphSpec(_Strict):
     attention_query_chunk: int | None = None
     # Tokens per block when the MLP is computed in sequence blocks; None when in one piece.
     mlp_chunk: int | None = None
+    # Which rewrite of the exported graph this is (see GraphVariant); None in bundles written
+    # before the field existed.
+    variant: GraphVariant | None = None
 
 
 class ModelShape(_Strict):

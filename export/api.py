@@ -24,6 +24,7 @@ from bundle.manifest import (
     FORMAT_VERSION,
     GoldenVector,
     GraphSpec,
+    GraphVariant,
     Manifest,
     ModelShape,
     Pooling,
@@ -34,11 +35,11 @@ from export import precision as prec
 from export.checkpoint import Checkpoint, load_checkpoint
 from export.corpus import GOLDEN_TEXTS, QUERY, CorpusTokenizer, validation_sequences
 from export.errors import ExportError
-from export.passes import GraphVariant, export_opset, resolve_variant
+from export.passes import export_opset, resolve_variant
 from export.reference import Reference
 from export.source import resolve
 from export.to_onnx import ExternalData
-from export.validate import gate, gate_torch, measure, measure_torch, ort_session, run_padded
+from export.validate import gate, measure, ort_session, run_padded
 from export.writer import check_output, hash_files, publish, staging
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class ExportOptions:
     model_id: str | None = None
     opset: int | None = None
     external_data: ExternalData = "auto"
-    int8_method: prec.Int8Method = "dynamic"
+    int8_method: prec.Int8Method = "per-token"
     fp16_mode: prec.Fp16Mode = "mixed"
     max_input_tokens: int | None = None
     validation_max_length: int = 64
@@ -63,7 +64,7 @@ class ExportOptions:
     overwrite: bool = False
     debug_causal: bool = False
     debug_pooling: Pooling | None = None
-    # Graph passes (export/passes): plain | fused | chunked; None = chunked for qwen2, plain for bert.
+    # Graph passes (export/passes): plain | fused | chunked | ort-fused; None = the family's default.
     graph: GraphVariant | None = None
     # Queries per attention block of the chunked graph; None = sized from heads × max input tokens.
     attention_query_chunk: int | None = None
@@ -137,7 +138,7 @@ def _reference(ckpt: Checkpoint, options: ExportOptions) -> Reference:
     if choice == "auto":  # float64 is slow on CPU: worth it only for small models
         choice = "float64" if ckpt.num_parameters_estimate < 200_000_000 else "float32"
     dtype = torch.float64 if choice == "float64" else torch.float32
-    return Reference(ckpt.family.name, ckpt.config, ckpt.weight_files, ckpt.pooling, dtype=dtype)
+    return Reference(ckpt.family, ckpt.config, ckpt.weight_files, ckpt.pooling, dtype=dtype)
 
 
 def _golden(session: object, tok: CorpusTokenizer, ckpt: Checkpoint) -> list[GoldenVector]:
@@ -191,40 +192,47 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
             ckpt = load_checkpoint(resolved.folder)
             tok = CorpusTokenizer(ckpt)
         log.info("family %s, pooling %s, dim %d", ckpt.family.name, ckpt.pooling, ckpt.hidden_size)
-        variant = resolve_variant(ckpt.family.name, opts.graph, opts.opset)
+        variant = resolve_variant(ckpt.family.default_graph[precision], opts.graph, opts.opset)
         opset = export_opset(variant, ckpt.family.opset, opts.opset)
+        plan = prec.Plan(
+            precision=precision,
+            variant=variant,
+            opset=opset,
+            max_input_tokens=opts.max_input_tokens or ckpt.max_input_tokens,
+            external_data=opts.external_data,
+            attention_query_chunk=opts.attention_query_chunk,
+            int8_method=opts.int8_method,
+            fp16_mode=opts.fp16_mode,
+            debug_causal=opts.debug_causal,
+            debug_pooling=opts.debug_pooling,
+        )
         with staging(out) as stage:
             tok.write_bundle_tokenizer(stage / "tokenizer.json")  # fails fast on a tokenizer mismatch
-            seqs = validation_sequences(
-                tok, ckpt.prompts, min(opts.validation_max_length, ckpt.max_input_tokens)
-            )
-            # The reference's weights are loaded only when first needed, so the export step itself
-            # never holds them next to the torch model (fp16 needs both, for its numerics check).
-            references: list[Reference] = []
-
-            def reference() -> Reference:
-                if not references:
-                    references.append(_reference(ckpt, opts))
-                return references[0]
-
-            def fp16_probe(module: Any) -> dict[str, float]:
-                with _step("checking fp16 numerics in PyTorch (CPU ORT upcasts fp16 arithmetic)"):
-                    probe_metrics = measure_torch(module, reference(), seqs, ckpt.pad_id)
-                    gate_torch(probe_metrics, precision)
-                return probe_metrics
-
+            length = min(opts.validation_max_length, ckpt.max_input_tokens)
+            seqs = validation_sequences(tok, ckpt.prompts, length)
+            # The reference streams its weights from the checkpoint on each use (LazyWeights), so
+            # building it here holds no second copy of the model next to the torch one.
+            reference = _reference(ckpt, opts)
             with _step(f"exporting the {precision} graph"):
                 artifact = prec.produce(
-                    ckpt, stage, MODEL_FILE, precision, opset=opset, options=opts, fp16_probe=fp16_probe
+                    ckpt,
+                    stage,
+                    MODEL_FILE,
+                    plan,
+                    fp16_check=prec.Fp16Check(reference, seqs, ckpt.pad_id) if precision == "fp16" else None,
+                    # int8 scales/smoothing: the validation corpus drawn with a different seed from the gate's
+                    calibration=validation_sequences(tok, ckpt.prompts, length, seed=1)
+                    if precision == "int8" and opts.int8_method in prec.CALIBRATED
+                    else (),
                 )
             with _step("validating against the reference"):
                 session = ort_session(stage / MODEL_FILE, opts.threads)
                 metrics = gate(
-                    measure(session, reference(), seqs, ckpt.pad_id), precision, artifact.batch_invariant
+                    measure(session, reference, seqs, ckpt.pad_id), precision, artifact.batch_invariant
                 )
                 metrics.update(artifact.checks)
                 golden = _golden(session, tok, ckpt)
-                del session, references[:]
+                del session, reference
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 model_id=opts.model_id
@@ -243,6 +251,7 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
                     opset=opset,
                     attention_query_chunk=artifact.attention_query_chunk,
                     mlp_chunk=artifact.mlp_chunk,
+                    variant=variant,
                 ),
                 shape=model_shape(ckpt.config),
                 tokenizer=TokenizerSpec(

@@ -22,12 +22,12 @@ from typing import Any
 
 from bundle import file_sha256
 from export.errors import SourceError
+from export.families import GTE_DEFAULT_INSTRUCTION
 
 QWEN2_EOS = "<|endoftext|>"
 QWEN2_EOS_ID = 151643
 QWEN2_VOCAB_SIZE = 151646
 QWEN2_SPECIALS = {151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>"}
-GTE_DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 _QWEN_TOKENIZER_SHA256 = {
     "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from bundle.manifest import Pooling, PromptSpec
-from export.assets import GTE_DEFAULT_INSTRUCTION
 from export.errors import CheckpointError, SourceError, TokenizerMismatch, UnsupportedArchitecture
 from export.families import FamilySpec, family_for
 
@@ -26,7 +25,6 @@ _POOLING_KEYS: dict[str, Pooling] = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
 }
-DEFAULT_TASK = "web_search"
 
 
 @dataclass(frozen=True)
@@ -143,8 +141,8 @@ def _prompts(folder: Path, family: FamilySpec) -> PromptSpec:
     """Tasks from ``config_sentence_transformers.json`` prompts, for families with instructions."""
     if family.query_template is None:
         return PromptSpec(query_template=None)
-    tasks = {DEFAULT_TASK: GTE_DEFAULT_INSTRUCTION}
-    default = DEFAULT_TASK
+    tasks = dict(family.default_tasks)  # the family's own instructions (gte: web_search) always exist
+    default = next(iter(tasks), None)
     path = folder / "config_sentence_transformers.json"
     raw = _read_json(path) if path.is_file() else {}
     for name, prompt in (raw.get("prompts") or {}).items():
@@ -152,7 +150,7 @@ def _prompts(folder: Path, family: FamilySpec) -> PromptSpec:
         if match is None:
             continue  # e.g. "document": "" — documents are never prefixed
         instruction = match.group("task")
-        if instruction == GTE_DEFAULT_INSTRUCTION:
+        if instruction in family.default_tasks.values():
             continue
         tasks[name] = instruction
         if name == "query" or name == raw.get("default_prompt_name"):

@@ -14,8 +14,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bundle.manifest import GRAPH_VARIANTS, Manifest
 from export.errors import ExportError
 from export.families import supported_summary
+from export.quantize import INT8_METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,9 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
     p.add_argument(
         "--int8-method",
-        choices=["dynamic", "weight-only", "qdq"],
-        default="dynamic",
-        help="dynamic: fastest on CPU, batch-dependent (served one text per run); "
+        choices=list(INT8_METHODS),
+        default="per-token",
+        help="per-token (default): smoothed W8A8 with one activation scale per token, batch invariant "
+        "(served batched); dynamic: batch-dependent (served one text per run); "
         "weight-only: MatMulNBits, CPU/CUDA, batch invariant; qdq: static QDQ for TensorRT",
     )
     p.add_argument("--revision", help="hub revision (commit, tag or branch)")
@@ -48,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--graph",
-        choices=["plain", "fused", "chunked"],
+        choices=list(GRAPH_VARIANTS),
         default=None,
         help="graph passes: fused = opset-23 Attention/RoPE/RMSNorm + GQA; chunked = fused + query-chunked "
-        "attention and MLP (bounded memory to 32k tokens). Default: chunked for qwen2, plain for bert",
+        "attention and MLP (bounded memory to 32k tokens); ort-fused = BERT attention as ONNX Runtime's "
+        "com.microsoft.Attention. Default: chunked for qwen2; ort-fused for bert fp32, plain otherwise",
     )
     p.add_argument("--attention-query-chunk", type=int, help="queries per attention block (chunked graph)")
     p.add_argument("--max-input-tokens", type=int, help="override the model's input limit")
@@ -120,12 +124,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         logger.removeHandler(handler)
     if not args.quiet:
-        checks = manifest.validation
-        print(
-            f"{args.out}: {manifest.family} {manifest.precision} bundle, dim {manifest.dim}, "
-            f"validation max_abs {checks.get('max_abs')}, min_cos {checks.get('min_cos')}"
-        )
+        print(summary(args.out, manifest))
     return 0
+
+
+def summary(out: Path, manifest: Manifest) -> str:
+    """The last line of a successful export: the numbers the gate judged, not ungated ones (a
+    batch-dependent bundle is gated on its unpadded runs; its batched runs are only recorded)."""
+    checks = manifest.validation
+    gated = checks.get("gated_min_cos", checks.get("min_cos"))
+    return (
+        f"{out}: {manifest.family} {manifest.precision} bundle, dim {manifest.dim}, graph "
+        f"{manifest.graph.variant}, validation passed: max_abs {checks.get('max_abs')}, min_cos {gated} "
+        f"(gated on {checks.get('gated_on', 'all runs')})"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,17 +1,32 @@
 """One :class:`FamilySpec` per supported architecture — the only place a family's facts live.
 
-A family is what decides the graph (which backbone, which pooling is allowed), the tokenizer
-policy (EOS appended? [CLS]/[SEP] wrapping?) and the prompt policy (instruction on queries?).
-Everything downstream reads these facts from the spec instead of testing ``model_type``, so a
-new family is one new spec, not a hunt through ``if`` statements.
+A family decides the graph (which backbone, which pooling is allowed, which graph variant by
+default, which blocks run in fp16), the tokenizer policy (EOS appended? [CLS]/[SEP] wrapping?),
+the prompt policy (instruction on queries? which default tasks?) and the oracle (which reference
+encoder, which weight-name prefix). Everything downstream reads these facts from the spec instead
+of testing ``model_type``, so a new family is one new spec (plus its reference encoder), not a
+hunt through ``if`` statements.
+
+The callables import torch/transformers lazily: the CLI reads this module for ``--help``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from bundle.manifest import Family, Pooling
+from bundle.manifest import Family, GraphVariant, Pooling, Precision
 from export.errors import UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from export.reference_models import Encoder
+
+GTE_DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 @dataclass(frozen=True)
@@ -27,6 +42,13 @@ class FamilySpec:
         append_eos: the tokenizer policy ends every input with the EOS token (gte-Qwen2).
         wrap_cls_sep: every input is ``[CLS] … [SEP]`` (BERT).
         query_template: the instruction template for queries, or None.
+        default_tasks: task name → instruction every bundle of the family offers (first = default).
+        load_backbone: ``(folder, dtype, causal) -> nn.Module``, the stock transformers backbone.
+        token_type_ids: the backbone takes ``token_type_ids`` (all zeros in the graph).
+        fp16_islands: turns a backbone into the mixed-fp16 layout, in place.
+        default_graph: the graph variant exported per precision when none is requested.
+        weight_prefix: the checkpoint's prefix on backbone weight names, stripped for the oracle.
+        reference: the independent reference encoder (the oracle the gate trusts).
         opset: the ONNX opset this family is verified on.
     """
 
@@ -38,7 +60,81 @@ class FamilySpec:
     append_eos: bool
     wrap_cls_sep: bool
     query_template: str | None
+    load_backbone: Callable[[Path, torch.dtype, bool], nn.Module]
+    token_type_ids: bool
+    fp16_islands: Callable[[nn.Module], None]
+    default_graph: Mapping[Precision, GraphVariant]
+    weight_prefix: str
+    reference: Encoder
+    default_tasks: Mapping[str, str] = field(default_factory=dict)
     opset: int = 20
+
+
+def _qwen2_backbone(folder: Path, dtype: torch.dtype, causal: bool) -> nn.Module:
+    """``config.is_causal`` is *set*, never read from the download: gte-Qwen2's configs have
+    disagreed about it across revisions, and stock Qwen2 defaults to causal. ``causal=True``
+    exists only so tests can prove that the validation gate rejects a causal graph."""
+    from transformers import AutoConfig, Qwen2Model
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config.is_causal = causal
+    config.use_cache = False
+    config.use_sliding_window = False
+    model: nn.Module = Qwen2Model.from_pretrained(
+        str(folder), config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    )
+    return model
+
+
+def _bert_backbone(folder: Path, dtype: torch.dtype, causal: bool) -> nn.Module:
+    """BERT without its pooler (pooling is ours); ``causal`` has no meaning for an encoder."""
+    from transformers import BertModel
+
+    model: nn.Module = BertModel.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation="sdpa", add_pooling_layer=False, local_files_only=True
+    )
+    return model
+
+
+def _qwen2_islands(backbone: Any) -> None:
+    """Attention and MLP blocks in fp16; every RMSNorm, RoPE and the residual stream fp32 (the
+    residual sum of a Qwen2-class model exceeds fp16's range). The embedding table stays fp16,
+    its rows enter the residual stream as fp32."""
+    from export.fp16_island import Fp16Island
+
+    for layer in backbone.layers:
+        layer.self_attn = Fp16Island(layer.self_attn)
+        layer.mlp = Fp16Island(layer.mlp)
+        layer.input_layernorm.float()
+        layer.post_attention_layernorm.float()
+    backbone.norm.float()
+    backbone.rotary_emb.float()
+    backbone.embed_tokens = Fp16Island(backbone.embed_tokens)
+
+
+def _bert_islands(backbone: Any) -> None:
+    """BERT-sized models: everything fp32 except the Linear layers."""
+    from torch import nn
+
+    from export.fp16_island import Fp16Island
+
+    backbone.float()
+    for parent in list(backbone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Fp16Island(child))
+
+
+def _qwen2_reference(*args: Any, **kwargs: Any) -> Any:
+    from export.reference_models import qwen2_encode
+
+    return qwen2_encode(*args, **kwargs)
+
+
+def _bert_reference(*args: Any, **kwargs: Any) -> Any:
+    from export.reference_models import bert_encode
+
+    return bert_encode(*args, **kwargs)
 
 
 QWEN2 = FamilySpec(
@@ -50,6 +146,14 @@ QWEN2 = FamilySpec(
     append_eos=True,
     wrap_cls_sep=False,
     query_template="Instruct: {task}\nQuery: {text}",
+    default_tasks={"web_search": GTE_DEFAULT_INSTRUCTION},
+    load_backbone=_qwen2_backbone,
+    token_type_ids=False,
+    fp16_islands=_qwen2_islands,
+    # bounded memory at any length, parity-gated like every graph
+    default_graph={"fp32": "chunked", "fp16": "chunked", "int8": "chunked"},
+    weight_prefix="model.",
+    reference=_qwen2_reference,
 )
 
 BERT = FamilySpec(
@@ -61,6 +165,15 @@ BERT = FamilySpec(
     append_eos=False,
     wrap_cls_sep=True,
     query_template=None,
+    load_backbone=_bert_backbone,
+    token_type_ids=True,
+    fp16_islands=_bert_islands,
+    # 512-token inputs need no chunking; opset 23 adds no native op matching post-norm layers.
+    # fp32: ORT's fused Attention (docs/benchmarks.md). fp16 islands put Casts inside the pattern
+    # and the int8 quantisers rewrite plain MatMuls only, so those stay plain.
+    default_graph={"fp32": "ort-fused", "fp16": "plain", "int8": "plain"},
+    weight_prefix="bert.",
+    reference=_bert_reference,
 )
 
 FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (QWEN2, BERT)}

@@ -1,14 +1,20 @@
-"""int8: three methods for three consumers, each checked for the ops it must contain.
+"""int8: the one quantisation module. Exports, benchmarks and tests all call :func:`quantize`.
+
+Four methods for different consumers, each checked for the ops it must contain:
 
 * ``dynamic`` — ``quantize_dynamic`` on MatMul (W8A8, MatMulInteger, per-channel weights).
-  Fastest on CPU (3–4× fp32), but its activation scale is one number per tensor *over the
-  whole batch*, padding included, so a text's vector depends on its neighbours. The bundle says so
+  Fast on CPU, but its activation scale is one number per tensor *over the whole batch*,
+  padding included, so a text's vector depends on its neighbours. The bundle says so
   (``batch_invariant = False``) and the service runs such bundles one text per run.
+* ``per-token`` (default) — W8A8 with one activation scale per row (token) after SmoothQuant
+  channel smoothing calibrated on text, see :mod:`export.per_token_int8`: a row's scale depends
+  only on that row, so the same text gives the same vector alone or in a padded batch. Batch
+  invariant; served batched like fp32.
 * ``weight-only`` — ``MatMulNBits`` with 8-bit blocks (QOperator format), fp32 compute. Batch
   invariant, runs on the CPU and CUDA EPs, about fp32 speed on CPU.
 * ``qdq`` — static ``QuantizeLinear/DequantizeLinear`` (symmetric, per-channel weights, scales
-  calibrated here): the explicit-quantisation format TensorRT consumes. Static scales do not
-  depend on the batch, so it is batch invariant.
+  calibrated on caller-supplied feeds): the explicit-quantisation format TensorRT consumes.
+  Static scales do not depend on the batch, so it is batch invariant.
 
 Pitfall this module guards against: ``MatMulNBits`` with ``QuantFormat.QDQ`` and 8 bits logs an
 error per node and returns the model *unquantised*. Every result is therefore checked by
@@ -26,12 +32,19 @@ from typing import Any, Literal
 
 import numpy as np
 
-from export.checkpoint import Checkpoint
 from export.errors import QuantizationError
 
 log = logging.getLogger(__name__)
-Int8Method = Literal["dynamic", "weight-only", "qdq"]
+Int8Method = Literal["dynamic", "per-token", "weight-only", "qdq"]
+INT8_METHODS: tuple[Int8Method, ...] = ("dynamic", "per-token", "weight-only", "qdq")
 Feed = dict[str, np.ndarray]
+# The op each method's quantised projections become (the op-count check looks for these).
+_QUANTISED_OPS: dict[Int8Method, tuple[str, ...]] = {
+    "dynamic": ("MatMulInteger", "DynamicQuantizeLinear"),
+    "per-token": ("MatMulIntegerToFloat",),
+    "weight-only": ("MatMulNBits",),
+    "qdq": ("QuantizeLinear", "DequantizeLinear"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,13 +60,6 @@ def weight_matmuls(model: Any) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
 
 
-def op_counts(path: Path) -> Counter[str]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
-
-
 def verify_ops(
     path: Path, method: Int8Method, expected: int, keep_float: int = 0
 ) -> dict[str, float | int | str | bool]:
@@ -63,16 +69,12 @@ def verify_ops(
     model = onnx.load(str(path), load_external_data=False)
     ops = Counter(n.op_type for n in model.graph.node)
     left = weight_matmuls(model)
-    need = {
-        "dynamic": ("MatMulInteger", "DynamicQuantizeLinear"),
-        "weight-only": ("MatMulNBits",),
-        "qdq": ("QuantizeLinear", "DequantizeLinear"),
-    }[method]
+    need = _QUANTISED_OPS[method]
     counts = {op: ops.get(op, 0) for op in need}
     ok = left == keep_float and counts[need[0]] >= expected
-    if method in ("dynamic", "weight-only"):
+    if method != "qdq":
         ok = ok and counts[need[0]] == expected
-    if method == "qdq":  # every projection's weight must come out of a DequantizeLinear
+    else:  # every projection's weight must come out of a DequantizeLinear
         dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
         fed = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in dq_outputs)
         ok = ok and fed == expected
@@ -91,71 +93,126 @@ def verify_ops(
     }
 
 
-class _Reader:
-    """Calibration feeds for quantize_static (one unpadded text per run)."""
+class CalibrationReader:
+    """ORT ``CalibrationDataReader`` over fixed feeds; rewinds for calibrators that read twice
+    (entropy, percentile)."""
 
     def __init__(self, feeds: Sequence[Feed]) -> None:
-        self._it: Iterator[Feed] = iter(feeds)
+        self._feeds = [
+            {name: np.asarray(value, dtype=np.int64) for name, value in feed.items()} for feed in feeds
+        ]
+        self._it: Iterator[Feed] = iter(self._feeds)
 
     def get_next(self) -> Feed | None:
         return next(self._it, None)
 
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
 
-def calibration_batches(ckpt: Checkpoint, max_length: int = 64) -> list[Feed]:
-    """Calibration inputs for static activation scales, one unpadded sequence per run.
 
-    The validation corpus's texts plus random-id sequences drawn with a *different* seed from
-    the gate's: static per-tensor scales clip whatever the calibration never saw (texts alone
-    gave min cosine 0.957 on the tiny model; with the random ids, 0.9997). Real deployments
-    should calibrate on representative traffic; these inputs only have to span the gate's.
+def calibration_feeds(seqs: Sequence[Sequence[int]]) -> list[Feed]:
+    """One unpadded run per sequence, for static activation scales.
+
+    Callers pass token ids they already have (the export: its validation-like corpus drawn with a
+    *different* seed from the gate's; benchmarks: their own inputs). Static per-tensor scales clip
+    whatever the calibration never saw (texts alone gave min cosine 0.957 on the tiny model; with
+    random ids as well, 0.9997). Real deployments should calibrate on representative traffic.
     """
-    from export.corpus import CorpusTokenizer, validation_sequences
-
-    tok = CorpusTokenizer(ckpt)
-    seqs = validation_sequences(tok, ckpt.prompts, min(max_length, ckpt.max_input_tokens), seed=1)
     return [
         {"input_ids": np.array([s], dtype=np.int64), "attention_mask": np.ones((1, len(s)), dtype=np.int64)}
         for s in seqs
     ]
 
 
-def quantize(
-    src: Path, dst: Path, method: Int8Method, calibration: Sequence[Feed], *, external_data: str = "auto"
-) -> Quantized:
-    """Quantise the fp32 graph ``src`` into ``dst`` with ``method`` and verify the result's ops."""
+def _targets(src: Path, method: Int8Method) -> tuple[list[str], list[str]]:
+    """(projections to quantise, projections kept float) by node name."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
 
     graph = onnx.load(str(src), load_external_data=False).graph
     dims = {i.name: tuple(i.dims) for i in graph.initializer}
     # Only the projections: quantising QK^T / PV too costs accuracy and is not what TRT needs.
     projections = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in dims]
-    # W8A8 methods keep the MLP down-projections (weight [intermediate, hidden]: K > N) in float:
-    # their input is the GELU/SwiGLU output, whose outlier channels a per-tensor int8 scale
-    # cannot cover. Measured on all-MiniLM-L6-v2: quantising them drops min cosine to 0.89
-    # (per-tensor) / 0.98 (per-channel); keeping them float gives 0.990+. Weight-only int8
-    # keeps activations in float, so it quantises every projection.
+    # Per-tensor W8A8 methods keep the MLP down-projections (weight [intermediate, hidden]: K > N)
+    # in float: their input is the GELU/SwiGLU output, whose outlier channels one int8 scale for
+    # the whole tensor cannot cover. Measured on all-MiniLM-L6-v2: quantising them drops min
+    # cosine to 0.89 (per-tensor) / 0.98 (per-channel); keeping them float gives 0.990+. A
+    # per-token scale covers each row's own outliers (min cosine 0.994 with every projection
+    # int8), and weight-only keeps activations in float, so both quantise every projection.
     down = [
         n.name
         for n in projections
         if len(dims[n.input[1]]) == 2 and dims[n.input[1]][0] > dims[n.input[1]][1]
     ]
     keep_float = down if method in ("dynamic", "qdq") else []
-    targets = [n.name for n in projections if n.name not in keep_float]
-    expected = len(targets)
+    return [n.name for n in projections if n.name not in keep_float], keep_float
+
+
+def quantize(
+    src: Path,
+    dst: Path,
+    method: Int8Method,
+    calibration: Sequence[Feed] = (),
+    *,
+    external_data: str = "auto",
+) -> Quantized:
+    """Quantise the fp32 graph ``src`` into ``dst`` with ``method`` and verify the result's ops.
+
+    ``calibration`` (see :func:`calibration_feeds`) is required for ``qdq``; for ``per-token`` it
+    turns on smoothing (the export always passes it); other methods ignore it.
+    """
+    if method not in _QUANTISED_OPS:
+        raise QuantizationError(f"unknown int8 method {method!r}; choose {', '.join(INT8_METHODS)}")
+    if method == "qdq" and not calibration:
+        raise QuantizationError("int8 qdq needs calibration feeds")
+    targets, keep_float = _targets(src, method)
     big = sum(p.stat().st_size for p in src.parent.iterdir()) > 2 * 1024**3
     use_ext = external_data == "always" or (external_data == "auto" and big)
-    log.info("int8 %s: quantising %d projections", method, expected)
+    log.info("int8 %s: quantising %d projections", method, len(targets))
+    _run(src, dst, method, targets, calibration, use_ext)
+    checks = verify_ops(dst, method, len(targets), len(keep_float))
+    files = sorted(p.name for p in dst.parent.iterdir() if p.is_file() and p.name.startswith(dst.name + "."))
+    return Quantized(files, batch_invariant=method != "dynamic", checks=checks)
+
+
+def channel_max(src: Path, calibration: Sequence[Feed], targets: list[str]) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each target MatMul's input over the calibration runs (fp32 graph),
+    for per-token smoothing. The probe graph is written next to ``src`` so external data resolves."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src), load_external_data=False)
+    wanted = set(targets)
+    inputs = sorted({n.input[0] for n in model.graph.node if n.name in wanted})
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in inputs
+    )
+    probe = src.parent / f".{src.name}.probe"
+    onnx.save(model, str(probe))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        result = {x: np.zeros(0, np.float32) for x in inputs}
+        for feed in calibration:
+            ints = {name: np.asarray(v, dtype=np.int64) for name, v in feed.items()}
+            for x, value in zip(inputs, session.run(inputs, ints), strict=True):
+                rows = np.abs(np.asarray(value)).reshape(-1, value.shape[-1]).max(axis=0)
+                result[x] = rows if result[x].size == 0 else np.maximum(result[x], rows)
+        return result
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _run(
+    src: Path, dst: Path, method: Int8Method, targets: list[str], calibration: Sequence[Feed], use_ext: bool
+) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
     if method == "dynamic":
         quantize_dynamic(
             src,
@@ -166,6 +223,13 @@ def quantize(
             nodes_to_quantize=targets,
             use_external_data_format=use_ext,
         )
+    elif method == "per-token":
+        from export.per_token_int8 import quantize_per_token
+
+        amax = channel_max(src, calibration, targets) if calibration else None
+        model = onnx.load(str(src))
+        quantize_per_token(model, set(targets), amax)
+        onnx.save(model, str(dst), save_as_external_data=use_ext, location=dst.name + ".data")
     elif method == "weight-only":
         config = DefaultWeightOnlyQuantConfig(
             block_size=128, is_symmetric=True, accuracy_level=None, quant_format=QuantFormat.QOperator, bits=8
@@ -173,12 +237,11 @@ def quantize(
         quantizer = MatMulNBitsQuantizer(str(src), algo_config=config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(dst), use_ext)
-    elif method == "qdq":
-        reader: CalibrationDataReader = _Reader(calibration)
+    else:
         quantize_static(
             src,
             dst,
-            reader,
+            CalibrationReader(calibration),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul"],
             nodes_to_quantize=targets,
@@ -188,8 +251,3 @@ def quantize(
             use_external_data_format=use_ext,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
-    else:
-        raise QuantizationError(f"unknown int8 method {method!r}; choose dynamic, weight-only or qdq")
-    checks = verify_ops(dst, method, expected, len(keep_float))
-    files = sorted(p.name for p in dst.parent.iterdir() if p.is_file() and p.name.startswith(dst.name + "."))
-    return Quantized(files, batch_invariant=method != "dynamic", checks=checks)

@@ -1,8 +1,5 @@
-"""torch → ONNX with the dynamo exporter, then optional graph passes, then save.
-
-Structured as three steps so later work can slot in between them: a pass is any callable that
-takes the in-memory ``onnx_ir.Model`` and rewrites it in place (for example the opset-23 /
-fused-attention pass another engineer will add), applied after capture and before saving.
+"""torch → ONNX with the dynamo exporter, then save. Graph rewrites run on the saved file
+afterwards (:mod:`export.passes`, :mod:`export.quantize`), so the 7B's weights are never held twice.
 
 External data: a protobuf cannot exceed 2 GiB, and gte-Qwen2-7B's embedding table alone is
 2.17 GB, so large models *must* keep weights in a side file. ``external_data="auto"`` does that
@@ -14,9 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,7 +23,6 @@ INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["sentence_embedding", "embedding_norm"]
 EXTERNAL_DATA_THRESHOLD_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB, with headroom for the graph
 ExternalData = Literal["auto", "always", "never"]
-OnnxPass = Callable[[Any], None]  # onnx_ir.Model -> None (in place)
 
 
 def example_inputs(pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +48,6 @@ def export_onnx(
     vocab_size: int,
     opset: int = 20,
     external_data: ExternalData = "auto",
-    passes: Sequence[OnnxPass] = (),
 ) -> list[str]:
     """Export ``module`` to ``path`` and return the external data files written (relative names).
 
@@ -79,8 +73,6 @@ def export_onnx(
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
     log.info("graph captured in %.1f s", time.perf_counter() - started)
-    for onnx_pass in passes:
-        onnx_pass(program.model)
     use_external = external_data == "always" or (
         external_data == "auto" and parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD_BYTES
     )

@@ -196,6 +196,9 @@ def gate(
         tolerance_max_abs=tol.max_abs or 0.0,
         tolerance_min_cos=tol.min_cos,
         tolerance_batch_min_cos=tol.min_batch_cos,
+        gated_min_cos=judged[
+            "min_cos"
+        ],  # what the tolerance was applied to (≠ min_cos when not batch invariant)
         gated_on="unpadded runs (served one text per run)" if not batch_invariant else "all runs",
     )
     log.info(

@@ -4,15 +4,14 @@ Each pass is a small ``ModelProto -> None`` (in place) or file -> file transform
 composes them into the ``plain`` / ``fused`` / ``chunked`` export variants.
 """
 
-from export.passes._graph import PassError, op_counts
+from bundle.manifest import GRAPH_VARIANTS, GraphVariant
 from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
+from export.passes.onnx_proto import PassError, op_counts
 from export.passes.pipeline import (
     FUSED_OPSET,
-    GRAPH_VARIANTS,
     GraphReport,
-    GraphVariant,
     apply_for_export,
     apply_graph_variant,
     export_opset,

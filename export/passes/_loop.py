@@ -16,7 +16,7 @@ from typing import NamedTuple
 import onnx
 from onnx import helper
 
-from export.passes._graph import Names, add_int64, make_node, replace_nodes
+from export.passes.onnx_proto import Names, add_int64, make_node, replace_nodes
 
 
 class ChunkPlan(NamedTuple):

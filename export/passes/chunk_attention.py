@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import onnx
 
-from export.passes._graph import (
+from export.passes._loop import plan_chunks, sequence_length, wrap_in_loop
+from export.passes.onnx_proto import (
     Names,
     PassError,
     add_int64,
@@ -25,7 +26,6 @@ from export.passes._graph import (
     topo_sort,
     value_elem_type,
 )
-from export.passes._loop import plan_chunks, sequence_length, wrap_in_loop
 
 MASK_INPUT = "attention_mask"
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import onnx
 
-from export.passes._graph import (
+from export.passes._loop import plan_chunks, sequence_length, wrap_in_loop
+from export.passes.onnx_proto import (
     Names,
     PassError,
     find_node,
@@ -23,7 +24,6 @@ from export.passes._graph import (
     topo_sort,
     value_elem_type,
 )
-from export.passes._loop import plan_chunks, sequence_length, wrap_in_loop
 
 # Ops that act on each token (row) independently when their other operands are constants of
 # rank ≤ 1 (biases, scalars) or values from the same region.

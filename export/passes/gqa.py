@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx
 
-from export.passes._graph import constant_value, producers, remove_dead_nodes
+from export.passes.onnx_proto import constant_value, producers, remove_dead_nodes
 
 
 def _unrepeated(graph: onnx.GraphProto, name: str, prod: dict[str, onnx.NodeProto]) -> str | None:

@@ -11,25 +11,26 @@ Variants (the export option ``graph``):
 * ``fused``   – needs the opset-23 export (native Attention / RotaryEmbedding /
   RMSNormalization); drops the materialised GQA ``repeat_kv``.
 * ``chunked`` – ``fused`` + key-padding mask + query-chunked attention + (optionally)
-  sequence-chunked MLP: memory linear in the input length; the default for qwen2.
+  sequence-chunked MLP: memory linear in the input length; qwen2's default.
+* ``ort-fused`` – BERT self-attention as ONNX Runtime's ``com.microsoft.Attention`` (any opset);
+  BERT's fp32 default. Loads the weights (the Q/K/V matrices are packed): BERT-sized models only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import onnx
 from onnx import external_data_helper
 
-from export.passes._graph import PassError, op_counts, opset_version
+from bundle.manifest import GraphVariant
+from export.passes.bert_attention import fuse_bert_attention
 from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
+from export.passes.onnx_proto import PassError, op_counts, opset_version
 
-GraphVariant = Literal["plain", "fused", "chunked"]
-GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked")
 FUSED_OPSET = 23
 _INLINE_LIMIT = 4096  # bytes: small external constants (axes, shapes) are pulled inline
 
@@ -47,7 +48,7 @@ class GraphReport:
 
 def required_opset(variant: GraphVariant) -> int | None:
     """The export opset a variant needs (None: whatever the exporter uses)."""
-    return None if variant == "plain" else FUSED_OPSET
+    return FUSED_OPSET if variant in ("fused", "chunked") else None
 
 
 def load_graph(path: Path) -> onnx.ModelProto:
@@ -91,13 +92,16 @@ def apply_graph_variant(
     query_chunk: int = 1024,
     mlp_chunk: int | None = 2048,
     out: Path | None = None,
+    num_heads: int | None = None,
 ) -> GraphReport:
     """Rewrite the ONNX file at ``path`` (in place unless ``out``) into ``variant``.
 
     ``mlp_chunk=None`` keeps the MLP in one piece: required before ``quantize_dynamic``, whose
-    quantiser does not rewrite MatMuls inside Loop bodies.
+    quantiser does not rewrite MatMuls inside Loop bodies. ``num_heads`` is needed by ``ort-fused``.
     """
     target = out or path
+    if variant == "ort-fused":
+        return _ort_fused(path, target, num_heads)
     model = _load_for(path, target)
     if variant != "plain" and opset_version(model) < FUSED_OPSET:
         raise PassError(
@@ -126,15 +130,32 @@ def apply_graph_variant(
     )
 
 
-def resolve_variant(family: str, requested: GraphVariant | None, opset: int | None = None) -> GraphVariant:
-    """The export default: ``chunked`` for qwen2 (bounded memory at any length, parity-gated like
-    every graph), ``plain`` for BERT (its 512-token inputs need no chunking, and opset 23 adds no
-    native op that matches BERT's post-norm layers). An explicit opset below 23 means ``plain``."""
+def _ort_fused(path: Path, target: Path, num_heads: int | None) -> GraphReport:
+    if num_heads is None:
+        raise PassError("graph variant 'ort-fused' needs the model's num_heads")
+    external = _has_external(load_graph(path))
+    model = onnx.load(str(path))  # with weights: Q/K/V get packed into one matrix
+    fuse_bert_attention(model, num_heads)
+    if external:
+        side = target.parent / (target.name + ".data")
+        side.unlink(missing_ok=True)  # onnx appends to an existing side file; the weights are in memory
+        onnx.save(model, str(target), save_as_external_data=True, location=side.name)
+    else:
+        onnx.save(model, str(target))
+    onnx.checker.check_model(str(target))
+    return GraphReport(variant="ort-fused", ops=dict(op_counts(model)))
+
+
+def resolve_variant(
+    default: GraphVariant, requested: GraphVariant | None, opset: int | None = None
+) -> GraphVariant:
+    """``requested``, else the family's ``default`` (``FamilySpec.default_graph``). An explicit
+    opset below 23 turns an opset-23 default into ``plain``."""
     if requested is not None:
         return requested
-    if opset is not None and opset < FUSED_OPSET:
+    if opset is not None and opset < FUSED_OPSET and required_opset(default) is not None:
         return "plain"
-    return "chunked" if family == "qwen2" else "plain"
+    return default
 
 
 def export_opset(variant: GraphVariant, family_opset: int, requested: int | None = None) -> int:
@@ -163,4 +184,6 @@ def apply_for_export(
         return GraphReport(variant="plain")
     heads = int(str(config.get("num_attention_heads", 1)))
     chunk = query_chunk or default_query_chunk(heads, max_input_tokens)
-    return apply_graph_variant(path, variant, query_chunk=chunk, mlp_chunk=None if quantize_next else 2048)
+    return apply_graph_variant(
+        path, variant, query_chunk=chunk, mlp_chunk=None if quantize_next else 2048, num_heads=heads
+    )

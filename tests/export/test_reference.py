@@ -10,7 +10,7 @@ import torch
 
 from export.assets import minilm_dir
 from export.checkpoint import load_checkpoint
-from export.graph import build_embedder
+from export.embedder import build_embedder
 from export.reference import Reference
 
 SEQS = [[9707, 11, 1879, 0, 151643], [108386, 3837, 151643], [151643], [5, 6, 7, 8, 9, 10, 11, 151643]]
@@ -59,7 +59,7 @@ def test_unsupported_reference_features_are_export_errors() -> None:
     import torch
 
     from export.errors import UnsupportedArchitecture
-    from export.reference import qwen2_encode
+    from export.reference_models import qwen2_encode
 
     config = {"hidden_size": 8, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn"}}
     with pytest.raises(UnsupportedArchitecture, match="yarn"):

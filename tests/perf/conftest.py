@@ -1,6 +1,6 @@
 """Fixtures for the graph-pass tests: the tiny gte-Qwen2 exported plain (opset 20) and fused (opset 23).
 
-Exported with the project's own ``export.graph`` + ``export.to_onnx`` (what ships), with external
+Exported with the project's own ``export.embedder`` + ``export.to_onnx`` (what ships), with external
 data forced on so the passes' "rewrite the graph, keep the weight file" path is exercised.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 def export_tiny(checkpoint: Path, out: Path, opset: int) -> Path:
     from export.checkpoint import load_checkpoint
-    from export.graph import build_embedder
+    from export.embedder import build_embedder
     from export.to_onnx import export_onnx
 
     ckpt = load_checkpoint(checkpoint)

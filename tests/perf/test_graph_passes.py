@@ -103,3 +103,9 @@ def test_default_query_chunk_bounds_the_score_block() -> None:
     assert default_query_chunk(num_heads=4, max_tokens=32768) == 1024
     assert default_query_chunk(num_heads=28, max_tokens=32768) == 128
     assert default_query_chunk(num_heads=14, max_tokens=8192) == 1024
+
+
+def test_ort_fused_refuses_a_graph_without_bert_attention(plain_onnx: Path, tmp_path: Path) -> None:
+    """The Qwen2 graph has no BERT attention pattern: the variant is refused, not silently plain."""
+    with pytest.raises(PassError, match="no BERT self-attention"):
+        apply_graph_variant(plain_onnx, "ort-fused", num_heads=4, out=tmp_path / "x.onnx")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from export.passes import apply_graph_variant
-from export.passes.int8 import quantize_dynamic_int8, quantize_static_qdq
+from export.quantize import CalibrationReader, quantize
 from tests.perf.conftest import padded_batch, session
 
 
@@ -31,8 +31,8 @@ def _alone(path: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def test_dynamic_int8_served_per_text_is_invariant(base: Path, tmp_path: Path) -> None:
     q = tmp_path / "dyn.onnx"
-    counts = quantize_dynamic_int8(base, q)
-    assert counts["MatMulInteger"] > 0
+    checks = quantize(base, q, "dynamic").checks
+    assert int(checks["ops_MatMulInteger"]) > 0
     ids, mask = padded_batch([12, 60, 33], "right", seed=4)
     # Served route: one unpadded text per run — the same text alone or "in a batch" is the same call.
     per_text = _alone(q, ids, mask)
@@ -46,8 +46,11 @@ def test_dynamic_int8_served_per_text_is_invariant(base: Path, tmp_path: Path) -
 def test_static_qdq_is_invariant_inside_a_padded_batch(base: Path, tmp_path: Path) -> None:
     q = tmp_path / "qdq.onnx"
     rng = np.random.default_rng(0)
-    calib = [(rng.integers(0, 151646, (2, n)), np.ones((2, n), np.int64)) for n in (16, 64)]
-    quantize_static_qdq(base, q, calib)
+    calib = [
+        {"input_ids": rng.integers(0, 151646, (2, n)), "attention_mask": np.ones((2, n), np.int64)}
+        for n in (16, 64)
+    ]
+    quantize(base, q, "qdq", calib)
     ids, mask = padded_batch([12, 60, 33, 7], "left", seed=5)
     batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
     assert (batched * alone).sum(-1).min() >= 0.999
@@ -55,14 +58,10 @@ def test_static_qdq_is_invariant_inside_a_padded_batch(base: Path, tmp_path: Pat
 
 
 def test_per_token_int8_is_exactly_invariant_inside_a_padded_batch(base: Path, tmp_path: Path) -> None:
-    import onnx
-
-    from export.passes.int8_per_token import quantize_per_token
-
-    model = onnx.load(str(base))
-    assert quantize_per_token(model) == 14  # 2 layers × (q, k, v, o, gate, up, down)
     q = tmp_path / "pertoken.onnx"
-    onnx.save(model, str(q))
+    result = quantize(base, q, "per-token")
+    assert result.batch_invariant
+    assert result.checks["quantized_matmuls"] == 14  # 2 layers × (q, k, v, o, gate, up, down)
     for side in ("left", "right"):
         ids, mask = padded_batch([12, 60, 33, 7], side, seed=6)
         batched, alone = _vectors(q, ids, mask), _alone(q, ids, mask)
@@ -72,12 +71,11 @@ def test_per_token_int8_is_exactly_invariant_inside_a_padded_batch(base: Path, t
 
 def test_calibration_reader_rewinds() -> None:
     """Calibrators that read the data twice (entropy, percentile) get the same batches again."""
-    import numpy as np
-
-    from export.passes.int8 import _Reader
-
-    batches = [(np.ones((1, 3)), np.ones((1, 3))), (np.zeros((2, 4)), np.ones((2, 4)))]
-    reader = _Reader(batches)
+    batches = [
+        {"input_ids": np.ones((1, 3)), "attention_mask": np.ones((1, 3))},
+        {"input_ids": np.zeros((2, 4)), "attention_mask": np.ones((2, 4))},
+    ]
+    reader = CalibrationReader(batches)
     first = [reader.get_next() for _ in range(3)]
     reader.rewind()
     second = [reader.get_next() for _ in range(3)]

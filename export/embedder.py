@@ -66,36 +66,6 @@ class Embedder(nn.Module):
         return pooled / norm.clamp_min(1e-12).unsqueeze(-1), norm
 
 
-def load_backbone(ckpt: Checkpoint, *, dtype: torch.dtype = torch.float32, causal: bool = False) -> nn.Module:
-    """Load the stock transformers backbone for ``ckpt`` — no remote code, one copy of the weights.
-
-    For qwen2, ``config.is_causal`` is *set*, never read from the download: gte-Qwen2's configs
-    have disagreed about it across revisions, and stock Qwen2 defaults to causal. ``causal=True``
-    exists only so tests can prove that the validation gate rejects a causal graph.
-    """
-    from transformers import AutoConfig, BertModel, Qwen2Model
-
-    folder = str(ckpt.folder)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if ckpt.family.name == "qwen2":
-        config.is_causal = causal
-        config.use_cache = False
-        config.use_sliding_window = False
-        model: nn.Module = Qwen2Model.from_pretrained(
-            folder, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=True
-        )
-    else:
-        model = BertModel.from_pretrained(
-            folder,
-            config=config,
-            dtype=dtype,
-            attn_implementation="sdpa",
-            add_pooling_layer=False,
-            local_files_only=True,
-        )
-    return model.eval()
-
-
 def build_embedder(
     ckpt: Checkpoint,
     *,
@@ -103,6 +73,7 @@ def build_embedder(
     causal: bool = False,
     pooling: Pooling | None = None,
 ) -> Embedder:
-    """The exportable module for ``ckpt``. ``pooling`` overrides the checkpoint's (test hook)."""
-    backbone = load_backbone(ckpt, dtype=dtype, causal=causal)
-    return Embedder(backbone, pooling or ckpt.pooling, token_type_ids=ckpt.family.name == "bert").eval()
+    """The exportable module for ``ckpt``: its family's stock backbone (no remote code, one copy of
+    the weights) + pooling. ``causal`` and ``pooling`` are test hooks that build a wrong graph."""
+    backbone = ckpt.family.load_backbone(ckpt.folder, dtype, causal).eval()
+    return Embedder(backbone, pooling or ckpt.pooling, token_type_ids=ckpt.family.token_type_ids).eval()
