@@ -9,6 +9,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   batching    1/8/32 concurrent clients vs sequential, p50/p95/p99            (issue 6 §3)
   raw         PyTorch eager vs ORT fp32/fused/chunked/fp16/int8 variants      (issue 6 §1)
   long        peak RSS + latency at 1k…32k tokens, fused vs chunked           (issue 8)
+  peers       vs sentence-transformers, fastembed, Infinity (own venvs, PyPI)  (issue 11 §5)
 
 Run one heavy scenario at a time on shared machines; each writes its section as soon as it ends.
 """
@@ -28,7 +29,7 @@ Runner = Callable[[int, bool], Section]
 
 
 def _scenarios() -> dict[str, Runner]:
-    from bench import long_input, raw_model, serialization, service_load, tokenization, waste
+    from bench import long_input, peers, raw_model, serialization, service_load, tokenization, waste
 
     def models_arg(run: Callable[[int, bool, list[str] | None], Section], models: list[str] | None) -> Runner:
         return lambda rounds, quick: run(rounds, quick, models)
@@ -42,6 +43,7 @@ def _scenarios() -> dict[str, Runner]:
         "batching": service_load.run_batching,
         "raw": models_arg(raw_model.run, None),
         "long": models_arg(long_input.run, None),
+        "peers": peers.run,
     }
 
 
