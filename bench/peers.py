@@ -300,3 +300,18 @@ def _describe(
         f"sentence-transformers (torch), minimum over all {len(corpus.texts):,} texts. "
         f"Whole run took {took / 60:.0f} min (installs and exports included when not cached).\n"
     )
+    section.add(
+        "Peer settings: sentence-transformers `encode(batch_size=32)` (it sorts by length), torch "
+        "`set_num_threads(2)`; its ONNX backend loads `onnx/model.onnx` through optimum with "
+        "`intra_op_num_threads=2`; fastembed `TextEmbedding(specific_model_path=…, threads=2)`, "
+        "`embed(batch_size=32)`; Infinity `infinity_emb v2 --engine torch|optimum --device cpu "
+        "--batch-size 32 --pooling-method mean --no-bettertransformer` with `OMP_NUM_THREADS=2` (its "
+        "optimum engine leaves ORT's thread count at the default, one per physical core: 2 here). "
+        "Pitfalls met: Infinity's optimum engine loads a local folder only as `--model-id .` run from "
+        "inside it (it matches the ONNX path joined with the folder against bare file names), its own "
+        "ORT optimisation fails with optimum 2.1 (`optimize_with_onnxruntime_only`) so it serves the "
+        "unoptimised graph, it pools CLS unless told `mean`, and it truncates at `config.json`'s "
+        "`max_position_embeddings` (512); fastembed truncates at `tokenizer_config.json`'s "
+        "`model_max_length` (512 in this package); the cosine-only fastembed row shows what that costs. "
+        "Rerun: `python -m bench peers` (venvs, ONNX export and bundles are cached under `.cache/`).\n"
+    )
