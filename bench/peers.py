@@ -193,6 +193,7 @@ def run(rounds: int, quick: bool) -> Section:
                     continue
                 try:
                     save = work / f"vec-{_slug(res.name)}.npy" if r == 0 else None
+                    res.load.append(os.getloadavg()[0])
                     took = s.bulk(save)
                     if save is not None:
                         res.note = str(save)  # vectors path, replaced by the cosine below
@@ -219,6 +220,8 @@ def run(rounds: int, quick: bool) -> Section:
     _describe(section, corpus, rounds, n_single, n_conc, load_start, elapsed)
     section.add(rendered)
     section.add(f"\nIdle CPU of all peer and server processes before round 1: {idle}.")
+    loads = "; ".join(f"{r.name}: {', '.join(f'{x:.1f}' for x in r.load)}" for r in results if r.load)
+    section.add(f"1-minute load average as each system's bulk pass began (per round): {loads}.")
     return section
 
 

@@ -52,6 +52,7 @@ class Result:
     conc_wall_s: list[float] = field(default_factory=list)  # wall seconds for conc_n requests, per round
     conc_lat_s: list[float] = field(default_factory=list)
     min_cos: float | None = None  # vs the reference; None for the reference itself
+    load: list[float] = field(default_factory=list)  # 1-min load average as each bulk pass began
     note: str = ""
     error: str = ""
 
