@@ -13,6 +13,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   fuzz_http   byte-level HTTP fuzzer vs embed-serve, rounds × 500 examples    (issue 12; docs/reliability.md)
   fuzz        wire-level gRPC fuzzing of embed-serve, rounds × 2000 calls     (issue 12)
   minilm      real MiniLM: plain vs ort-fused fp32, int8 routes, quality       (issue 11 §1–2)
+  peers       vs sentence-transformers, fastembed, Infinity (own venvs, PyPI)  (issue 11 §5)
 
 Run one heavy scenario at a time on shared machines; each writes its section as soon as it ends.
 """
@@ -42,6 +43,7 @@ def _scenarios() -> dict[str, Runner]:
         fuzz_http,
         long_input,
         minilm,
+        peers,
         raw_model,
         serialization,
         service_load,
@@ -65,6 +67,7 @@ def _scenarios() -> dict[str, Runner]:
         "fuzz_http": fuzz_http.run,
         "fuzz": fuzz_grpc.run,
         "minilm": lambda r, q: minilm.run(r, q),
+        "peers": peers.run,
     }
 
 
