@@ -14,13 +14,26 @@ from service.domain import FloatArray
 
 
 @dataclass(frozen=True)
+class BatchRecord:
+    """One runtime call as tracing sees it (``service/tracing.py``): times on ``time.monotonic()``."""
+
+    batch_id: int
+    start: float
+    end: float
+    inputs: int
+    tokens: int  # real tokens
+    padded_tokens: int
+
+
+@dataclass(frozen=True)
 class BatchOutput:
-    """A request's vectors in input order, plus where its time went."""
+    """A request's vectors in input order, plus where its time went and the batches that served it."""
 
     vectors: FloatArray  # [n, dim], L2-normalised
     norms: FloatArray  # [n]
     queue_ms: float
     inference_ms: float
+    batches: tuple[BatchRecord, ...] = ()
 
 
 @dataclass(eq=False)
@@ -36,6 +49,7 @@ class Request:
     norms: FloatArray | None = None
     first_start: float | None = None
     last_end: float = 0.0
+    batches: list[BatchRecord] = field(default_factory=list)
     # Set on the event loop, read by the worker thread: a plain bool is enough (GIL, monotonic).
     dropped: bool = False
 
@@ -64,3 +78,4 @@ class Done:
     start: float = 0.0
     end: float = 0.0
     tokens: int = 0  # cost-model tokens of the runtime call(s)
+    record: BatchRecord | None = None  # made once, on the event loop, when the batch is delivered

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.batch_items import BatchOutput, Done, Item, Request
+from service.batch_items import BatchOutput, BatchRecord, Done, Item, Request
 from service.cost import CostModel, batch_cost
 from service.domain import FloatArray
 from service.errors import DeadlineExceeded, Draining, EmbeddingError, Overloaded, RuntimeFailure
@@ -91,6 +91,7 @@ class Batcher:
         self._on_batch = on_batch
         self._pending: PendingQueue[Item] = PendingQueue()
         self._seq = itertools.count()
+        self._batch_ids = itertools.count(1)
         self._in_flight = 0
         self._closing = False
         self._arrived = asyncio.Event()
@@ -298,6 +299,12 @@ class Batcher:
             for item in done.computed:
                 self._fail(item.request, RuntimeFailure(f"runtime failure: {done.error!r}"))
         elif done.vectors is not None and done.norms is not None:
+            real = sum(item.length for item in done.computed)
+            longest = max(item.length for item in done.computed)
+            padded = longest * len(done.computed) if self._batch_invariant else real
+            done.record = BatchRecord(
+                next(self._batch_ids), done.start, done.end, len(done.computed), real, padded
+            )
             for row, item in enumerate(done.computed):
                 self._deliver(item, done.vectors[row], done.norms[row], done)
         self._check_idle()
@@ -315,6 +322,8 @@ class Batcher:
             done.start if request.first_start is None else min(request.first_start, done.start)
         )
         request.last_end = max(request.last_end, done.end)
+        if done.record is not None and (not request.batches or request.batches[-1] is not done.record):
+            request.batches.append(done.record)  # a request's inputs in one batch arrive together
         request.remaining -= 1
         if request.remaining == 0:
             request.future.set_result(
@@ -323,6 +332,7 @@ class Batcher:
                     request.norms,
                     queue_ms=(request.first_start - request.admitted) * 1000.0,
                     inference_ms=(request.last_end - request.first_start) * 1000.0,
+                    batches=tuple(request.batches),
                 )
             )
 

@@ -51,6 +51,7 @@ from service.loader import LoadedModel, RuntimeFactory, describe_exception, load
 from service.logs import new_request_id
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
+from service.trace_hooks import record_embed
 from service.watchdog import Stall, Watchdog
 
 log = logging.getLogger("service.core")
@@ -317,6 +318,7 @@ class EmbeddingCore:
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
         result = EmbedResult(vectors, tuple(tokenized), usage, timings, self.model_name, request_id)
+        record_embed(request_id, timings, out.batches, started)  # a no-op unless this request is traced
         for listener in self._result_listeners:
             listener(result)
         return result

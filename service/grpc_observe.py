@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from service import trace_hooks
 from service.grpc_status import REQUEST_ID_KEY, Context, Continuation, is_open_method, set_request_id
 from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
@@ -105,9 +106,16 @@ def status_name(context: Context, error: BaseException | None) -> str:
 
 
 def _finish(
-    metrics: Metrics, method: str, call: _Call, context: Context, started: float, error: BaseException | None
+    metrics: Metrics,
+    method: str,
+    call: _Call,
+    context: Context,
+    started: float,
+    error: BaseException | None,
+    traced: trace_hooks.CallTrace | None = None,
 ) -> None:
     name = status_name(context, error)
+    trace_hooks.end_grpc(traced, name)
     short = method.rsplit("/", 1)[-1]
     latency = time.perf_counter() - started
     metrics.observe_request("grpc", short, name, latency, call.tokens)
@@ -152,6 +160,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
         async def unary_unary(request: Any, context: Context) -> Any:
             call, started, error = _Call(edge_request_id(context, request)), time.perf_counter(), None
             set_request_id(context, call.request_id)
+            traced = trace_hooks.begin_grpc(method, context, call.request_id)
             call.saw_request(request)
             try:
                 response = await inner(request, context)
@@ -161,7 +170,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
                 error = exc
                 raise
             finally:
-                _finish(metrics, method, call, context, started, error)
+                _finish(metrics, method, call, context, started, error, traced)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
 
@@ -175,6 +184,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
             call = _Call(edge_request_id(context, None if streaming else request))
             started, error = time.perf_counter(), None
             set_request_id(context, call.request_id)
+            traced = trace_hooks.begin_grpc(method, context, call.request_id)
             if streaming:
                 request = _Requests(request, call)
             else:
@@ -187,7 +197,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics) -> grpc
                 error = exc
                 raise
             finally:
-                _finish(metrics, method, call, context, started, error)
+                _finish(metrics, method, call, context, started, error, traced)
 
         factory = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_stream_rpc_method_handler
         return factory(responses, des, ser)

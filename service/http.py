@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from service import trace_hooks
 from service.auth import UNAUTHENTICATED_MESSAGE, ApiKeys
 from service.domain import EmbedJob, EmbedResult, ModelInfo
 from service.errors import Unauthenticated, describe
@@ -110,6 +111,7 @@ class _Seen:
     arrived: float = 0.0  # time.monotonic() when the request reached the app
     inputs: int = 0
     tokens: int = 0
+    trace: trace_hooks.CallTrace | None = None  # set only when tracing is on
 
 
 SEEN_KEY = web.RequestKey("seen", _Seen)
@@ -171,6 +173,10 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
     request_id = _request_id(request)
     request[SEEN_KEY] = _Seen(request_id, time.monotonic())
     route = _ROUTE_NAMES.get(request.path, "model" if request.path.startswith("/v1/models/") else "other")
+    if trace_hooks.tracing() and request.path not in OPEN_PATHS:
+        request[SEEN_KEY].trace = trace_hooks.begin_http(
+            request.method, request.path, request_id, request.headers
+        )
     keys = request.app[KEYS_KEY]
     if request.path not in OPEN_PATHS and not keys.accepts_headers(
         request.headers.getall("Authorization", [])
@@ -202,6 +208,7 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
 def _finish(request: web.Request, route: str, status: int, started: float) -> None:
     latency = time.perf_counter() - started
     seen = request[SEEN_KEY]
+    trace_hooks.end_http(seen.trace, status)
     request.app[METRICS_KEY].observe_request("http", route, str(status), latency, seen.tokens)
     if route in ("health", "metrics") and status < 400:
         return  # probes and scrapes every few seconds would drown the access log

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from service import trace_hooks
 from service.auth import ApiKeyError
 from service.core import EmbeddingCore
 from service.domain import CoreState
@@ -142,9 +143,11 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
     """Run until SIGTERM/SIGINT; 0 on a clean shutdown, 2 when start-up failed."""
     try:  # keys, TLS, metrics and the HTTP front end (service/edge.py)
         edge = Edge.from_settings(settings)
-    except (ApiKeyError, TlsConfigError) as exc:
+        tracer = trace_hooks.from_settings(settings)  # OpenTelemetry is imported only when configured
+    except (ApiKeyError, TlsConfigError, StartupError) as exc:
         print(f"embed-serve: error: {exc}", file=sys.stderr)
         return 2
+    trace_hooks.install(tracer)
     core = core or EmbeddingCore(
         settings, on_batch=edge.metrics.observe_batch, on_stall=edge.metrics.observe_stall
     )
@@ -169,6 +172,7 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
     finally:
         if http is not None:
             await http.stop()
+        await asyncio.to_thread(trace_hooks.shutdown)  # flush the last spans
 
 
 async def _run(settings: Settings, core: EmbeddingCore, server: grpc.aio.Server, port: int) -> int:

@@ -192,6 +192,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="Structured JSON or plain text logs."
     )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/gRPC collector (e.g. http://otel-collector:4317) for request traces; unset: "
+        "tracing off. Needs the `otel` extra.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
