@@ -38,7 +38,7 @@ COPY bundle ./bundle
 COPY export ./export
 COPY service ./service
 COPY proto ./proto
-RUN /opt/venv/bin/pip install ".[cpu]"
+RUN /opt/venv/bin/pip install ".[cpu,otel]"
 
 FROM ${PYTHON_BASE} AS runtime-base
 RUN groupadd --gid 10001 embed \
@@ -79,7 +79,7 @@ COPY bundle ./bundle
 COPY export ./export
 COPY service ./service
 COPY proto ./proto
-RUN /opt/venv/bin/pip install ".[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}" "tensorrt-cu12-libs==${TENSORRT_VERSION}" \
+RUN /opt/venv/bin/pip install ".[gpu,otel]" "onnxruntime-gpu==${ORT_GPU_VERSION}" "tensorrt-cu12-libs==${TENSORRT_VERSION}" \
  && ln -s "$(/opt/venv/bin/python -c 'import tensorrt_libs, os; print(os.path.dirname(tensorrt_libs.__file__))')" /opt/tensorrt_libs
 
 FROM gpu-base AS gpu
