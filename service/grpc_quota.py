@@ -25,6 +25,16 @@ async def _refuse(context: Context, exc: QuotaExceeded) -> None:
     await abort(context, exc)
 
 
+async def _enter(quota: KeyQuota, context: Context) -> None:
+    """Admit the call (or end it with RESOURCE_EXHAUSTED) and make its quota the core's."""
+    try:
+        quota.admit()
+    except QuotaExceeded as exc:
+        await _refuse(context, exc)
+    # Not reset: grpc runs each call in a task of its own, whose context ends with it.
+    current_quota.set(quota)
+
+
 def limited_handler(handler: grpc.RpcMethodHandler, quota: KeyQuota) -> grpc.RpcMethodHandler:
     """``handler`` admitted through ``quota`` first; the slot is released when the call ends."""
     des, ser = handler.request_deserializer, handler.response_serializer
@@ -34,23 +44,14 @@ def limited_handler(handler: grpc.RpcMethodHandler, quota: KeyQuota) -> grpc.Rpc
     )
 
     async def unary(request: Any, context: Context) -> Any:
-        try:
-            quota.admit()
-        except QuotaExceeded as exc:
-            await _refuse(context, exc)
-        # Not reset: grpc runs each call in a task of its own, whose context ends with it.
-        current_quota.set(quota)
+        await _enter(quota, context)
         try:
             return await behaviour(request, context)
         finally:
             quota.release()
 
     async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-        try:
-            quota.admit()
-        except QuotaExceeded as exc:
-            await _refuse(context, exc)
-        current_quota.set(quota)
+        await _enter(quota, context)
         try:
             result = behaviour(request, context)
             if inspect.isasyncgen(result):

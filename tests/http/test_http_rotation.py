@@ -8,7 +8,6 @@ that a stream or connection opened before the change carries on.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import os
 import shutil
@@ -22,14 +21,11 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from http_pki import Pki, make_pki
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from http_pki import Pair, Pki, make_pki
 from http_stack import KEY, OLD_KEY, Stack, stack_settings, start_stack
 
 from service.pb.embedding.v1 import embedding_pb2 as pb
-from service.tls import TlsConfigError, TlsFiles, load, not_after
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -255,39 +251,61 @@ async def test_tls_rotation_serves_new_certificate_to_new_connections(stack: Sta
         await stub.Embed(pb.EmbedRequest(inputs=["b"]), metadata=auth, timeout=TIMEOUT_S)
 
 
-def _expired_pair(directory: Path) -> TlsFiles:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=2))
-        .not_valid_after(now - dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mtls_stack(tiny_qwen2_bundle: Path, creds: Creds) -> AsyncIterator[Stack]:
+    live = creds.dir.parent / "mtls"
+    live.mkdir()
+    ca = live / "client-ca.pem"
+    shutil.copy(creds.first.ca, ca)
+    settings = stack_settings(
+        tiny_qwen2_bundle,
+        tls_cert_file=creds.first.server.cert,
+        tls_key_file=creds.first.server.key,
+        tls_client_ca_file=ca,
+        credentials_poll_interval_s=POLL_S,
     )
-    (directory / "expired.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "expired.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return TlsFiles(directory / "expired.pem", directory / "expired.key")
+    s = await start_stack(settings)
+    s.edge.start_rotation()
+    yield s
+    await s.edge.stop_rotation()
+    await s.stop()
 
 
-async def test_expired_and_unreadable_certificates_are_refused(tmp_path: Path, creds: Creds) -> None:
-    files = _expired_pair(tmp_path)
-    assert not_after(files.cert.read_bytes()) < dt.datetime.now(dt.timezone.utc)
-    with pytest.raises(TlsConfigError, match="expired") as info:
-        load(files)
-    assert info.value.path == files.cert
-    with pytest.raises(TlsConfigError) as info:
-        load(TlsFiles(tmp_path / "absent.pem", files.key))
-    assert info.value.path == tmp_path / "absent.pem"
-    (tmp_path / "empty-ca.pem").write_text("")
-    with pytest.raises(TlsConfigError) as info:
-        load(TlsFiles(creds.first.server.cert, creds.first.server.key, tmp_path / "empty-ca.pem"))
-    assert info.value.path == tmp_path / "empty-ca.pem"
+async def mtls_outcomes(stack: Stack, trust: Path, client: Pair) -> tuple[bool, bool]:
+    """(HTTP, gRPC) health over fresh mTLS connections presenting ``client``."""
+    context = client_ssl(trust)
+    context.load_cert_chain(str(client.cert), str(client.key))
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as session,
+            session.get(f"{stack.url}/health", ssl=context) as r,
+        ):
+            http_ok = r.status == 200
+    except (aiohttp.ClientError, ssl.SSLError, OSError):
+        http_ok = False
+    cert, key = client.read()
+    creds = grpc.ssl_channel_credentials(trust.read_bytes(), private_key=key, certificate_chain=cert)
+    async with stack.channel(creds) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S
+            )
+            grpc_ok = True
+        except grpc.aio.AioRpcError:
+            grpc_ok = False
+    return http_ok, grpc_ok
+
+
+async def test_client_ca_rotation_applies_to_new_connections(mtls_stack: Stack, creds: Creds) -> None:
+    ca = mtls_stack.settings.tls_client_ca_file
+    assert ca is not None
+    trust = creds.trust
+    assert await mtls_outcomes(mtls_stack, trust, creds.first.client) == (True, True)
+    assert await mtls_outcomes(mtls_stack, trust, creds.second.client) == (False, False)
+    replace(ca, creds.second.ca.read_bytes())
+
+    async def rotated() -> bool:
+        return await mtls_outcomes(mtls_stack, trust, creds.second.client) == (True, True)
+
+    await eventually(rotated, "clients of the new CA are accepted on both ports")
+    assert await mtls_outcomes(mtls_stack, trust, creds.first.client) == (False, False)
