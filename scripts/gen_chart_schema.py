@@ -227,7 +227,12 @@ def values_schema() -> dict[str, Any]:
                     "secretKey": {"type": "string", "minLength": 1},
                     "keys": {
                         "type": "array",
-                        "items": {"type": "string", "minLength": 1, "pattern": r"^\S+$"},
+                        # A key, optionally followed by name= and limits (docs/http.md, Per-key quotas).
+                        "items": {
+                            "type": "string",
+                            "minLength": 1,
+                            "pattern": r"^\S+( +(name|rpm|tpm|concurrency)=\S+)*$",
+                        },
                     },
                 }
             ),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ import grpc
 import grpc.aio
 
 from service.errors import Unauthenticated
+from service.grpc_quota import limited_handler
 from service.grpc_status import Continuation, is_open_method, refusing_handler
+from service.quotas import UNNAMED, KeyQuota, Limits, QuotaBook
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +30,82 @@ logger = logging.getLogger(__name__)
 UNAUTHENTICATED_MESSAGE = "missing or invalid API key (send 'authorization: Bearer <key>')"
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class ApiKeyError(Exception):
-    """The keys file cannot be used. Names the file, never its content."""
+    """The keys file cannot be used. Names the file (and line), never its content."""
+
+
+_LIMIT_NAMES = frozenset({"rpm", "tpm", "concurrency"})
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    secret: bytes
+    name: str  # quotas.UNNAMED when the line has no name=
+    limits: Limits
+
+
+def _parse_line(path: Path, number: int, line: str) -> KeyEntry:
+    """``KEY [name=NAME] [rpm=N] [tpm=N] [concurrency=N]``; errors name the line, never the key."""
+    secret, *fields = line.split()
+    name: str | None = None
+    limits: dict[str, int] = {}
+    for item in fields:
+        attr, sep, value = item.partition("=")
+        if not sep or not value:
+            raise ApiKeyError(f"API keys file {path} line {number}: expected name=value after the key")
+        if attr == "name":
+            if not _NAME.fullmatch(value):
+                raise ApiKeyError(f"API keys file {path} line {number}: name must match {_NAME.pattern}")
+            name = value
+        elif attr in _LIMIT_NAMES:
+            if not value.isdigit() or int(value) < 1:
+                raise ApiKeyError(f"API keys file {path} line {number}: {attr} must be a positive integer")
+            limits[attr] = int(value)
+        else:
+            raise ApiKeyError(
+                f"API keys file {path} line {number}: unknown attribute {attr!r} "
+                "(known: name, rpm, tpm, concurrency)"
+            )
+    parsed = Limits(**limits)
+    if parsed.any and name is None:
+        raise ApiKeyError(f"API keys file {path} line {number}: limits need a name= (they are kept per name)")
+    return KeyEntry(secret.encode(), name or UNNAMED, parsed)
 
 
 class ApiKeys:
-    """A set of accepted keys; empty means authentication is off."""
+    """The accepted keys (empty: authentication is off) and their names' quotas.
 
-    def __init__(self, keys: Iterable[str] = ()) -> None:
-        self._keys = tuple(k.encode() for k in keys if k)
+    One instance lives as long as the server: a reload swaps its entries in place
+    (:meth:`replace`), so the gRPC interceptor and the HTTP app, which hold this object, see the
+    new keys on their next call while calls already admitted carry on.
+    """
+
+    def __init__(self, keys: Iterable[str | KeyEntry] = ()) -> None:
+        self.quotas = QuotaBook()
+        self._entries: tuple[KeyEntry, ...] = ()
+        self._set(
+            tuple(
+                k if isinstance(k, KeyEntry) else KeyEntry(k.encode(), UNNAMED, Limits()) for k in keys if k
+            )
+        )
+
+    def _set(self, entries: tuple[KeyEntry, ...]) -> None:
+        self.quotas.configure({e.name: e.limits for e in entries if e.name != UNNAMED})
+        self._entries = entries  # one assignment: a call sees the old set or the new, never a mix
+
+    def replace(self, other: ApiKeys) -> None:
+        """Take ``other``'s keys and limits (a reload); quota levels and in-flight counts stay."""
+        self._set(other._entries)
 
     @classmethod
     def from_file(cls, path: Path | None) -> ApiKeys:
-        """One key per line; blank lines and ``#`` comments are skipped; whitespace trimmed.
+        """One key per line, optionally followed by ``name=`` and limits; ``#`` comments skipped.
 
         Raises:
-            ApiKeyError: the file is unreadable, or it is set but holds no key (fail closed:
+            ApiKeyError: the file is unreadable, malformed, or set but holds no key (fail closed:
                 an empty Secret must not silently open the service).
         """
         if path is None:
@@ -50,60 +114,81 @@ class ApiKeys:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise ApiKeyError(f"cannot read API keys file {path}: {type(exc).__name__}") from None
-        keys = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
-        if not keys:
+        entries: list[KeyEntry] = []
+        seen: dict[str, Limits] = {}
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            entry = _parse_line(path, number, line)
+            if entry.name != UNNAMED and seen.setdefault(entry.name, entry.limits) != entry.limits:
+                raise ApiKeyError(
+                    f"API keys file {path} line {number}: "
+                    f"name {entry.name!r} has other limits on an earlier line"
+                )
+            entries.append(entry)
+        if not entries:
             raise ApiKeyError(f"API keys file {path} holds no key")
-        if any(any(c.isspace() for c in k) for k in keys):
-            raise ApiKeyError(f"API keys file {path}: a key contains whitespace")
-        return cls(keys)
+        return cls(entries)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
     def __repr__(self) -> str:  # never show the keys, even in a debugger or a traceback
-        return f"ApiKeys(<{len(self._keys)} keys>)"
+        return f"ApiKeys(<{len(self._entries)} keys>)"
 
     def secrets(self) -> tuple[str, ...]:
         """The keys as text, for the log redaction filter only."""
-        return tuple(k.decode() for k in self._keys)
+        return tuple(e.secret.decode() for e in self._entries)
 
-    def accepts(self, presented: str | None) -> bool:
-        """True when auth is off or ``presented`` equals one of the keys.
+    def identify(self, presented: str | None) -> KeyEntry | None:
+        """The entry whose key equals ``presented``, else ``None``.
 
         Compares against every key without stopping at a match, so the time taken says
         nothing about which key (or how much of one) matched.
         """
-        if not self._keys:
-            return True
         if presented is None:
-            return False
+            return None
         # surrogatepass: a header aiohttp decoded with surrogateescape (non-UTF-8 bytes) is a
         # wrong key like any other, not an UnicodeEncodeError.
         candidate = presented.encode("utf-8", "surrogatepass")
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(candidate, key)
-        return matched
+        found: KeyEntry | None = None
+        for entry in self._entries:
+            if hmac.compare_digest(candidate, entry.secret):
+                found = entry
+        return found
 
-    def accepts_headers(self, authorization: Sequence[str]) -> bool:
-        """All ``Authorization`` header values of a request: exactly one, holding a valid key.
+    def accepts(self, presented: str | None) -> bool:
+        """True when auth is off or ``presented`` equals one of the keys."""
+        return not self._entries or self.identify(presented) is not None
+
+    def identify_headers(self, authorization: Sequence[str]) -> KeyEntry | None:
+        """The entry for all ``Authorization`` header values of a request: exactly one, valid.
 
         Two headers are refused even if one holds a valid key: proxies and servers disagree on
         which one counts, and that disagreement is how requests get smuggled past a check.
         """
-        if not self._keys:
-            return True
-        return len(authorization) == 1 and self.accepts(bearer_token(authorization[0]))
+        if len(authorization) != 1:
+            return None
+        return self.identify(bearer_token(authorization[0]))
+
+    def accepts_headers(self, authorization: Sequence[str]) -> bool:
+        return not self._entries or self.identify_headers(authorization) is not None
+
+    def quota_for(self, entry: KeyEntry | None) -> KeyQuota | None:
+        """The live quota of a key's name (keys without name= share ``unnamed``, with no limits);
+        ``None`` when authentication is off."""
+        return None if entry is None else self.quotas.get(entry.name)
 
     def warn_if_open(self) -> None:
-        if not self._keys:
+        if not self._entries:
             logger.warning("no API keys configured (api_keys_file unset): gRPC and HTTP are open to anyone")
         else:
-            logger.info("API key authentication on", extra={"api_keys": len(self._keys)})
+            logger.info("API key authentication on", extra={"api_keys": len(self._entries)})
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -145,9 +230,11 @@ class GrpcAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # 
         if not self._keys.enabled or is_open_method(method):
             return await continuation(handler_call_details)
         header = _metadata_value(handler_call_details.invocation_metadata, "authorization")
-        if self._keys.accepts(bearer_token(header)):
-            return await continuation(handler_call_details)
+        entry = self._keys.identify(bearer_token(header))
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED as usual
             return None
-        return refusing_handler(handler, Unauthenticated(UNAUTHENTICATED_MESSAGE))
+        if entry is None:
+            return refusing_handler(handler, Unauthenticated(UNAUTHENTICATED_MESSAGE))
+        quota = self._keys.quota_for(entry)
+        return limited_handler(handler, quota) if quota is not None else handler

@@ -49,6 +49,7 @@ from service.errors import (
 )
 from service.loader import LoadedModel, RuntimeFactory, describe_exception, load_model, ort_runtime
 from service.logs import new_request_id
+from service.quotas import charge_tokens
 from service.settings import Settings
 from service.tokenizer import TextTokenizer
 from service.trace_hooks import record_embed
@@ -303,6 +304,7 @@ class EmbeddingCore:
         try:
             tokenized = await self._tokenize(job, tokenizer)
             tokenize_ms = (time.perf_counter() - started) * 1000.0
+            charge_tokens(sum(t.token_count for t in tokenized))  # per-key tokens/minute, before batching
             out = await batcher.submit([t.ids for t in tokenized], job.deadline, request_id=request_id)
         finally:
             self._end()

@@ -3,7 +3,8 @@ interceptors, the metrics registry), and the HTTP front end.
 
 Why a single seam: ``server.py`` and ``__main__`` need only a few calls from here (interceptors
 for ``grpc.aio.server``, a port that is secure when TLS is configured, the core's metrics, and
-``start_http`` once the core exists), so the gRPC core stays free of security and observability
+``start_http`` once the core exists, ``start_rotation`` to reload keys and certificates while
+serving), so the gRPC core stays free of security and observability
 code, and tests can build the same edge around any core. What the metrics read from the core
 lives in ``service/core_metrics.py``.
 """
@@ -16,12 +17,14 @@ from typing import Any
 
 from service.auth import ApiKeys, GrpcAuthInterceptor
 from service.core_metrics import ObservedCore, observe_core
+from service.credentials import CredentialMetrics, CredentialWatcher
 from service.grpc_observe import GrpcObserveInterceptor
 from service.http import Core, HttpOptions, HttpServer, max_body_bytes
 from service.logs import add_redaction
 from service.metrics import Metrics
+from service.quotas import UsageMetrics
 from service.settings import Settings
-from service.tls import TlsFiles, grpc_server_credentials, http_ssl_context
+from service.tls import TlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,9 @@ log = logging.getLogger(__name__)
 class Edge:
     settings: Settings
     keys: ApiKeys
-    tls: TlsFiles | None
+    tls: TlsMaterial | None
     metrics: Metrics
+    watcher: CredentialWatcher
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Edge:
@@ -41,12 +45,28 @@ class Edge:
             ApiKeyError, TlsConfigError: with a message naming the file.
         """
         keys = ApiKeys.from_file(settings.api_keys_file)
-        tls = TlsFiles.from_settings(settings)
-        if tls is not None:
-            http_ssl_context(tls)  # validates cert/key/CA; the contexts are built again per port
+        files = TlsFiles.from_settings(settings)
+        tls = TlsMaterial(files) if files is not None else None  # validates cert/key/CA/expiry
         keys.warn_if_open()
         add_redaction(keys.secrets())
-        return cls(settings, keys, tls, metrics or Metrics())
+        metrics = metrics or Metrics()
+        keys.quotas.set_usage(UsageMetrics(metrics.registry))
+        watcher = CredentialWatcher(
+            keys,
+            settings.api_keys_file,
+            tls,
+            CredentialMetrics(metrics.registry),
+            settings.credentials_poll_interval_s,
+        )
+        return cls(settings, keys, tls, metrics, watcher)
+
+    # --- rotation ------------------------------------------------------------------------------
+    def start_rotation(self) -> None:
+        """Reload keys and TLS files on change and on SIGHUP (service/credentials.py)."""
+        self.watcher.start()
+
+    async def stop_rotation(self) -> None:
+        await self.watcher.stop()
 
     # --- gRPC ----------------------------------------------------------------------------------
     def grpc_interceptors(self) -> list[Any]:
@@ -55,7 +75,7 @@ class Edge:
 
     def grpc_credentials(self) -> Any:
         """``grpc.ServerCredentials`` for ``add_secure_port`` when TLS is on, else ``None``."""
-        return grpc_server_credentials(self.tls) if self.tls is not None else None
+        return self.tls.grpc_credentials() if self.tls is not None else None
 
     # --- core ----------------------------------------------------------------------------------
     def observe_core(self, core: ObservedCore) -> None:
@@ -67,7 +87,7 @@ class Edge:
         s = self.settings
         if s.http_port is None and s.metrics_port is None:
             return None
-        ssl_context = http_ssl_context(self.tls) if self.tls is not None else None
+        ssl_context = self.tls.http_context() if self.tls is not None else None
         server = HttpServer(s.grace_period_s, HttpOptions.from_settings(s))
         try:
             if s.http_port is not None:

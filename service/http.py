@@ -29,6 +29,7 @@ from service.domain import EmbedJob, EmbedResult, ModelInfo
 from service.errors import Unauthenticated, describe
 from service.http_body import BodyRefused, read_json, request_deadline
 from service.http_logs import quiet_parser_refusals
+from service.http_quota import call_limited
 from service.http_schema import (
     embeddings_response,
     error_body,
@@ -178,9 +179,9 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
             request.method, request.path, request_id, request.headers
         )
     keys = request.app[KEYS_KEY]
-    if request.path not in OPEN_PATHS and not keys.accepts_headers(
-        request.headers.getall("Authorization", [])
-    ):
+    is_open = request.path in OPEN_PATHS
+    entry = None if is_open else keys.identify_headers(request.headers.getall("Authorization", []))
+    if keys.enabled and not is_open and entry is None:
         public = describe(Unauthenticated(UNAUTHENTICATED_MESSAGE), request_id)
         # OpenAI's code for this case, so clients that branch on it keep working.
         response: web.StreamResponse = _error(
@@ -189,7 +190,7 @@ async def _front_door(request: web.Request, handler: Handler) -> web.StreamRespo
         response.headers["WWW-Authenticate"] = "Bearer"
     else:
         try:
-            response = await handler(request)
+            response = await call_limited(keys.quota_for(entry), handler, request, request_id)
         except web.HTTPException as exc:
             response = _from_http_exception(exc, request.app[CONFIG_KEY].max_body_bytes)
         except BodyRefused as exc:

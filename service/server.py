@@ -167,9 +167,11 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
         print(f"embed-serve: error: cannot start HTTP: {exc}", file=sys.stderr)
         await server.stop(0)
         return 2
+    edge.start_rotation()  # keys / TLS files reloaded on change and on SIGHUP
     try:
         return await _run(settings, core, server, port)
     finally:
+        await edge.stop_rotation()
         if http is not None:
             await http.stop()
         await asyncio.to_thread(trace_hooks.shutdown)  # flush the last spans

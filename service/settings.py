@@ -177,7 +177,9 @@ class Settings(BaseSettings):
 
     # --- security ----------------------------------------------------------------------------
     api_keys_file: Path | None = Field(
-        default=None, description="File with one API key per line; unset: no authentication (warned)."
+        default=None,
+        description="File with one API key per line (optionally name= and rpm/tpm/concurrency "
+        "limits); unset: no authentication (warned).",
     )
     tls_cert_file: Path | None = Field(
         default=None, description="Server certificate (PEM) for gRPC and HTTP."
@@ -185,6 +187,12 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(default=None, description="Server private key (PEM).")
     tls_client_ca_file: Path | None = Field(
         default=None, description="CA bundle for client certificates: enables mTLS (client cert required)."
+    )
+    credentials_poll_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often to check the keys and TLS files for changes (reloaded without a "
+        "restart; also on SIGHUP); 0: only on SIGHUP.",
     )
 
     # --- logging -----------------------------------------------------------------------------
