@@ -16,10 +16,10 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.domain import Truncation
 
@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # --- model -------------------------------------------------------------------------------
-    model_dir: tuple[str, ...] = Field(
+    # NoDecode: a list setting arrives as one comma-separated string, never as JSON.
+    model_dir: Annotated[tuple[str, ...], NoDecode] = Field(
         default=("bundles/all-MiniLM-L6-v2",),
         min_length=1,
         description="Model bundle directory written by `embed-export` (manifest.json inside). Repeat "
@@ -61,7 +62,7 @@ class Settings(BaseSettings):
         default=None,
         description="Name clients use for the first model (bare path); defaults to the manifest's model_id.",
     )
-    model_alias: tuple[str, ...] = Field(
+    model_alias: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="`ALIAS=MODEL`: also answer to ALIAS (e.g. text-embedding-3-small) with MODEL. "
         "Repeat the flag (environment: comma-separated); an unknown name is refused, never mapped.",

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -275,3 +278,39 @@ async def test_clients_built_from_the_previous_proto_get_the_default_model(
         "max": 24,
         "streamed": 2,
     }
+
+
+def test_embed_serve_with_two_model_dirs(two_bundles: tuple[Path, Path]) -> None:
+    """The console script as operators start it: a list in EMBED_MODEL_DIR, an alias flag."""
+    from test_svc_e2e import embed_serve, free_port, wait_serving
+
+    a, b = two_bundles
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBED_")}
+    env["EMBED_MODEL_DIR"] = f"a={a},b={b}"
+    cmd = [*embed_serve(), "--port", str(port), "--model-alias", "ada=b", "--log-format", "text"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_serving(port, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            listed = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            assert [m.model for m in listed.models] == ["a", "b"]
+            assert stub.Embed(pb.EmbedRequest(inputs=["x"], model="ada"), timeout=30).model == "b"
+            check = health_pb2_grpc.HealthStub(channel).Check
+            request = health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService/b")
+            assert check(request, timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+    # Too little memory for both: exit 2, naming each model's share.
+    refused = subprocess.run(
+        [*embed_serve(), "--port", str(free_port()), "--max-total-memory-bytes", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "the models need" in refused.stderr and "(a " in refused.stderr and ", b " in refused.stderr
