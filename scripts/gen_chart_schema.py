@@ -29,7 +29,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "helm" / "embedding-servi
 # Settings the chart sets itself, and from which values. Not accepted under `config`.
 CHART_MANAGED: dict[str, str] = {
     "host": "always 0.0.0.0 (bind on the pod IP)",
-    "model_dir": "model.mountPath + model.bundleName (derived from model.export.source/precision)",
+    "model_dir": "model.mountPath + model.bundleName (derived from model.export.*), and extraModels",
     "trt_cache_dir": "trtCache.mountPath + gpuType + tensorrtVersion + bundle (provider=tensorrt)",
     "api_keys_file": "auth.* (a Secret mounted read-only)",
     "tls_cert_file": "tls.existingSecret / tls.certKey",
@@ -53,7 +53,10 @@ def _setting_schema(name: str) -> dict[str, Any]:
             raise TypeError(f"{name}: unsupported type {annotation}")
         annotation = args[0]
     out: dict[str, Any] = {"description": info.description or ""}
-    if typing.get_origin(annotation) is Literal:
+    if typing.get_origin(annotation) is tuple:  # a list setting: the chart joins it with commas
+        out["type"] = "array"
+        out["items"] = {"type": "string", "minLength": 1, "pattern": "^[^,]+$"}
+    elif typing.get_origin(annotation) is Literal:
         choices = list(typing.get_args(annotation))
         out["type"] = "string"
         out["enum"] = [*choices, None] if nullable else choices
@@ -115,6 +118,8 @@ QUANTITY = {
     "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P)?$",
     "description": "Kubernetes quantity, e.g. 20Gi",
 }
+# A served model's name: it goes into EMBED_MODEL_DIR as NAME=PATH, comma-separated.
+MODEL_NAME = {"type": "string", "pattern": "^[^,=\\s]*$"}
 PULL_POLICY = {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]}
 ACCESS_MODES = {
     "type": "array",
@@ -183,6 +188,7 @@ def values_schema() -> dict[str, Any]:
             "extraEnv": ENV_LIST,
             "model": _obj(
                 {
+                    "name": MODEL_NAME,
                     "mountPath": {"type": "string", "pattern": "^/"},
                     "bundleName": {"type": "string", "pattern": "^[A-Za-z0-9._-]*$"},
                     "persistence": _obj({**PERSISTENCE, "emptyDirSizeLimit": QUANTITY}),
@@ -212,6 +218,18 @@ def values_schema() -> dict[str, Any]:
                     ),
                 }
             ),
+            "extraModels": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "name": {**MODEL_NAME, "minLength": 1},
+                        "existingClaim": {"type": "string", "minLength": 1},
+                        "bundleName": {"type": "string", "minLength": 1, "pattern": "^[A-Za-z0-9._-]+$"},
+                        "mountPath": {"type": "string", "pattern": "^/"},
+                    },
+                    required=["name", "existingClaim", "bundleName"],
+                ),
+            },
             "trtCache": _obj(
                 {
                     "mountPath": {"type": "string", "pattern": "^/"},

@@ -140,7 +140,7 @@ class EmbeddingCore:
 
     def _set_state(self, state: CoreState) -> None:
         self._state = state
-        log.info("core state: %s", state)
+        log.info("core state: %s (model %s, %s)", state, self.model_name or "-", self.settings.bundle_dir)
         for listener in self._listeners:
             listener(state)
 
@@ -155,7 +155,7 @@ class EmbeddingCore:
             self._set_state("failed")
             log.error("start-up failed outside a named stage", exc_info=exc)
             raise StartupError(
-                f"start-up failed loading {self.settings.model_dir}: {describe_exception(exc)}; "
+                f"start-up failed loading {self.settings.bundle_dir}: {describe_exception(exc)}; "
                 "the traceback is in the log"
             ) from exc
         self._model = model
@@ -346,6 +346,11 @@ class EmbeddingCore:
     def model_name(self) -> str:
         if self.settings.model_name:
             return self.settings.model_name
+        return self._model.manifest.model_id if self._model is not None else ""
+
+    @property
+    def model_id(self) -> str:
+        """The manifest's model id ("" until loaded); clients may send it instead of the name."""
         return self._model.manifest.model_id if self._model is not None else ""
 
     @property

@@ -8,64 +8,64 @@ turned into metrics, so the gRPC and HTTP front ends never record the same thing
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
-from service.domain import CoreState, EmbedResult, ModelInfo, SelfTestResult
-from service.http import Core
+from service.core import EmbeddingCore
+from service.domain import CoreState, EmbedResult
 from service.metrics import Metrics
+from service.models import ModelRegistry
 
 
-class _Queue(Protocol):
-    @property
-    def queue_depth(self) -> int: ...
-
-    @property
-    def queued_tokens(self) -> int: ...
-
-
-class ObservedCore(Core, Protocol):
-    """What the edge reads from ``EmbeddingCore`` beyond what HTTP needs."""
-
-    @property
-    def batcher(self) -> _Queue: ...
-
-    @property
-    def self_test_result(self) -> SelfTestResult: ...
-
-    def add_state_listener(self, listener: Callable[[CoreState], None]) -> None: ...
-
-    def add_result_listener(self, listener: Callable[[EmbedResult], None]) -> None: ...
-
-    def model_info(self) -> ModelInfo: ...
-
-
-def observe_core(metrics: Metrics, core: ObservedCore) -> None:
+def observe_models(metrics: Metrics, models: ModelRegistry) -> None:
     """Readiness, self-test, providers, queue depth and per-result stage timings into metrics.
 
-    Call once, any time (before or after start).
+    Ready means every model is; the self-test passed when every model's that ran passed; queue
+    depth is the sum over the models' batchers. Call once, any time (before or after start).
     """
 
     def on_state(state: CoreState) -> None:
         metrics.set_ready(state == "ready")
         if state == "ready":
-            result = core.self_test_result
-            metrics.set_self_test(result.passed if result.ran else None)
-            metrics.set_providers(core.model_info().execution_providers)
+            results = [core.self_test_result for core in models.cores if core.self_test_result.ran]
+            metrics.set_self_test(all(r.passed for r in results) if results else None)
+            providers = (p for info in models.model_infos() for p in info.execution_providers)
+            metrics.set_providers(dict.fromkeys(providers))
 
     def on_result(result: EmbedResult) -> None:
         # Once per embed result, from the core, for every front end alike.
         t = result.timings
         metrics.observe_stages(t.queue_ms / 1e3, t.tokenize_ms / 1e3, t.inference_ms / 1e3)
         metrics.observe_truncated(result.usage.truncated_inputs)
+        metrics.observe_model_result(result.model, result.usage.input_tokens)
 
-    core.add_state_listener(on_state)
-    core.add_result_listener(on_result)
-    metrics.bind_queue(lambda: _queue(core, "queue_depth"), lambda: _queue(core, "queued_tokens"))
+    for core in models.cores:
+        core.add_state_listener(_model_state(metrics, core))
+    models.add_state_listener(on_state)
+    models.add_result_listener(on_result)
+    metrics.bind_queue(lambda: _queue(models, "queue_depth"), lambda: _queue(models, "queued_tokens"))
 
 
-def _queue(core: ObservedCore, attribute: str) -> float:
+def _model_state(metrics: Metrics, core: EmbeddingCore) -> Callable[[CoreState], None]:
+    """``embed_model_ready{model}`` and the model's queue, once its name is known (loaded or named)."""
+
+    def queued() -> float:
+        try:
+            return float(core.batcher.queued_tokens)
+        except Exception:
+            return 0.0
+
+    def on_state(state: CoreState) -> None:
+        if core.model_name:
+            metrics.set_model_ready(core.model_name, state == "ready", queued)
+
+    return on_state
+
+
+def _queue(models: ModelRegistry, attribute: str) -> float:
     """Scrape-time read that never raises (before start-up there is no batcher yet)."""
-    try:
-        return float(getattr(core.batcher, attribute))
-    except Exception:
-        return 0.0
+    total = 0.0
+    for core in models.cores:
+        try:
+            total += float(getattr(core.batcher, attribute))
+        except Exception:
+            continue
+    return total

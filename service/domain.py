@@ -43,6 +43,8 @@ class EmbedJob:
     truncation: Truncation | None = None
     deadline: float | None = None
     request_id: str = ""
+    # The served model (name or alias) to use; None: the default (first) model.
+    model: str | None = None
 
     @property
     def count(self) -> int:
@@ -58,6 +60,7 @@ class TokenizeJob:
     truncation: Truncation | None = None
     request_id: str = ""
     return_tokens: bool = False
+    model: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.auth import ApiKeys, GrpcAuthInterceptor
-from service.core_metrics import ObservedCore, observe_core
+from service.core import EmbeddingCore
+from service.core_metrics import observe_models
 from service.credentials import CredentialMetrics, CredentialWatcher
 from service.grpc_observe import GrpcObserveInterceptor
 from service.http import Core, HttpOptions, HttpServer, max_body_bytes
 from service.logs import add_redaction
 from service.metrics import Metrics
+from service.models import ModelRegistry
 from service.quotas import UsageMetrics
 from service.settings import Settings
 from service.tls import TlsFiles, TlsMaterial
@@ -78,11 +80,19 @@ class Edge:
         return self.tls.grpc_credentials() if self.tls is not None else None
 
     # --- core ----------------------------------------------------------------------------------
-    def observe_core(self, core: ObservedCore) -> None:
-        """Feed this edge's metrics from ``core`` (service/core_metrics.py); call once, any time."""
-        observe_core(self.metrics, core)
+    def registry(self) -> ModelRegistry:
+        """One core per ``--model-dir``, its batches and stalls reported to this edge's metrics."""
+        return ModelRegistry.from_settings(
+            self.settings,
+            on_batch=lambda _: self.metrics.observe_batch,
+            on_stall=lambda _: self.metrics.observe_stall,
+        )
 
-    async def start_http(self, core: Core) -> HttpServer | None:
+    def observe_core(self, core: EmbeddingCore | ModelRegistry) -> None:
+        """Feed this edge's metrics from the models (service/core_metrics.py); call once, any time."""
+        observe_models(self.metrics, ModelRegistry.of(self.settings, core))
+
+    async def start_http(self, core: EmbeddingCore | ModelRegistry | Core) -> HttpServer | None:
         """Serve HTTP (and the metrics port) on the running loop; ``None`` when no port is set."""
         s = self.settings
         if s.http_port is None and s.metrics_port is None:
@@ -92,7 +102,7 @@ class Edge:
         try:
             if s.http_port is not None:
                 await server.serve_api(
-                    core,
+                    ModelRegistry.of(s, core) if isinstance(core, EmbeddingCore) else core,
                     self.metrics,
                     self.keys,
                     s.http_host,

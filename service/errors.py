@@ -57,6 +57,10 @@ class DimensionsNotAllowed(InvalidInput):
     """``dimensions`` was asked for but the operator did not enable it, or it is out of range."""
 
 
+class ModelNotFound(EmbeddingError):
+    """``model`` names no served model nor alias; the message lists the served ones."""
+
+
 class MessageTooLarge(EmbeddingError):
     """A request message is larger than max_message_bytes (gRPC's own code for it is kept)."""
 
@@ -102,6 +106,7 @@ ERROR_TABLE: dict[type[EmbeddingError], ErrorInfo] = {
     UnknownTask: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
     DimensionsNotAllowed: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
     InvalidInput: ErrorInfo(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+    ModelNotFound: ErrorInfo(grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error"),
     MessageTooLarge: ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error"),
     Unauthenticated: ErrorInfo(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"),
     Overloaded: ErrorInfo(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error"),

@@ -18,7 +18,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -66,11 +66,17 @@ def _default(name: str) -> Any:
 
 
 class Core(Protocol):
-    """What the HTTP front end needs from ``service.core.EmbeddingCore``."""
+    """What the HTTP front end needs from ``service.models.ModelRegistry``.
+
+    ``model_info`` resolves a client's model name (or alias; None: the default model) and raises
+    ``ModelNotFound`` (404 from the one table) for a name that is not served.
+    """
 
     async def embed(self, job: EmbedJob) -> EmbedResult: ...
 
-    def model_info(self) -> ModelInfo: ...
+    def model_info(self, model: str | None = None) -> ModelInfo: ...
+
+    def model_infos(self) -> list[ModelInfo]: ...
 
     @property
     def serving(self) -> bool: ...
@@ -224,18 +230,6 @@ def _finish(request: web.Request, route: str, status: int, started: float) -> No
     )
 
 
-def _check_model(asked: str | None, info: ModelInfo) -> web.Response | None:
-    if asked is None or asked in (info.model, info.model_id):
-        return None
-    return _error(
-        404,
-        f"model '{asked}' is not served here; GET /v1/models lists it",
-        "invalid_request_error",
-        "model",
-        "model_not_found",
-    )
-
-
 async def embeddings(request: web.Request) -> web.StreamResponse:
     core = request.app[CORE_KEY]
     seen = request[SEEN_KEY]
@@ -246,11 +240,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         body, seen.request_id, deadline, allow_token_ids=config.options.allow_token_ids
     )
     seen.inputs = parsed.job.count
-    info = core.model_info()
-    refused = _check_model(parsed.model, info)
-    if refused is not None:
-        return refused
-    result = await core.embed(parsed.job)
+    info = core.model_info(parsed.model)  # an unknown name: ModelNotFound, 404
+    result = await core.embed(replace(parsed.job, model=info.model))
     seen.tokens = result.usage.input_tokens  # stage timings are recorded by the core (Edge.observe_core)
     answer = embeddings_response(result, parsed.encoding_format, info.model)
     if result.vectors.size > _OFFLOAD_FLOATS:
@@ -261,15 +252,16 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    info = request.app[CORE_KEY].model_info()
-    card = model_card(info, request.app[CONFIG_KEY].created)
-    return web.json_response({"object": "list", "data": [card]})
+    created = request.app[CONFIG_KEY].created
+    cards = [model_card(info, created) for info in request.app[CORE_KEY].model_infos()]
+    if not cards:  # nothing loaded yet: the same 503 as every other call while warming up
+        request.app[CORE_KEY].model_info()
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def get_model(request: web.Request) -> web.StreamResponse:
-    info = request.app[CORE_KEY].model_info()
-    refused = _check_model(request.match_info["model"], info)
-    return refused or web.json_response(model_card(info, request.app[CONFIG_KEY].created))
+    info = request.app[CORE_KEY].model_info(request.match_info["model"])
+    return web.json_response(model_card(info, request.app[CONFIG_KEY].created))
 
 
 async def health(request: web.Request) -> web.StreamResponse:

@@ -103,7 +103,7 @@ def input_limit(settings: Settings, manifest: Manifest, cost: CostModel) -> int:
 
 def load_model(settings: Settings, runtime_factory: RuntimeFactory = ort_runtime) -> LoadedModel:
     """Verify and load the bundle, warm up and self-test. Raises ``BundleError``/``StartupError``."""
-    directory = settings.model_dir
+    directory = settings.bundle_dir
     bundle_fix = "check --model-dir (EMBED_MODEL_DIR) and that the bundle is complete and readable"
     with stage(f"reading the bundle in {directory}", bundle_fix):
         manifest = load_manifest(directory)

@@ -121,6 +121,22 @@ class Metrics:
         self.ready = Gauge(
             "embed_ready", "1 while the server is SERVING, 0 while warming up or draining.", registry=r
         )
+        # Per served model (``model`` label: the name clients use); the series above are server totals.
+        self.model_ready = Gauge(
+            "embed_model_ready", "1 while this model is ready, 0 otherwise.", ["model"], registry=r
+        )
+        self.model_requests = Counter(
+            "embed_model_requests", "Embed requests computed, by model.", ["model"], registry=r
+        )
+        self.model_input_tokens = Counter(
+            "embed_model_input_tokens",
+            "Tokens embedded (as billed in usage), by model.",
+            ["model"],
+            registry=r,
+        )
+        self.model_queue_tokens = Gauge(
+            "embed_model_queue_tokens", "Tokens waiting in this model's batcher.", ["model"], registry=r
+        )
 
     # --- request level (front ends) -------------------------------------------------------
     def observe_request(self, api: Api, method: str, code: str, latency_s: float, tokens: int = 0) -> None:
@@ -171,6 +187,14 @@ class Metrics:
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1.0 if ready else 0.0)
+
+    def set_model_ready(self, model: str, ready: bool, queued_tokens: Callable[[], float]) -> None:
+        self.model_ready.labels(model=model).set(1.0 if ready else 0.0)
+        self.model_queue_tokens.labels(model=model).set_function(queued_tokens)
+
+    def observe_model_result(self, model: str, tokens: int) -> None:
+        self.model_requests.labels(model=model).inc()
+        self.model_input_tokens.labels(model=model).inc(tokens)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type, for any HTTP front end."""

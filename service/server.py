@@ -1,8 +1,10 @@
 """The gRPC server: servicer + standard health + reflection, and the process lifecycle.
 
-Health (``grpc.health.v1``) follows the core's state for both the overall ``""`` service and
-``embedding.v1.EmbeddingService``: NOT_SERVING while warming up, SERVING when ready, NOT_SERVING
-again while draining. Kubernetes' native gRPC probes read it; no probe binary is needed.
+Health (``grpc.health.v1``) follows the models' state for both the overall ``""`` service and
+``embedding.v1.EmbeddingService``: NOT_SERVING while warming up, SERVING when every model is
+ready, NOT_SERVING again while draining. Each model also has its own service name,
+``embedding.v1.EmbeddingService/<model name>`` (published once its name is known). Kubernetes'
+native gRPC probes read it; no probe binary is needed.
 
 Reflection (v1alpha, what grpcio-reflection serves and grpcurl 1.8 speaks) lets
 ``grpcurl -plaintext HOST:PORT list|describe`` work without the proto file.
@@ -19,7 +21,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,6 +36,7 @@ from service.edge import Edge
 from service.errors import StartupError
 from service.grpc_decode import RECEIVE_HEADROOM, RequestBytesInterceptor
 from service.grpc_observe import GrpcObserveInterceptor
+from service.models import ModelRegistry
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.servicer import EmbeddingServicer
@@ -47,21 +50,36 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class _HealthBridge:
-    """Mirrors the core's state into the (async) health servicer for "" and the service."""
+def model_health_name(model: str) -> str:
+    """The health service name of one model (documented in docs/api.md)."""
+    return f"{SERVICE_NAME}/{model}"
 
-    def __init__(self, health: health_aio.HealthServicer) -> None:
+
+class _HealthBridge:
+    """Mirrors a state into the (async) health servicer: the registry's for "" and the service,
+    one model's for its own name (``name`` is read at each change: known once it loaded)."""
+
+    def __init__(self, health: health_aio.HealthServicer, name: Callable[[], str] | None = None) -> None:
         self._health = health
+        self._name = name
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, state: CoreState) -> None:
         status = _SERVING if state == "ready" else _NOT_SERVING
-        task = asyncio.get_running_loop().create_task(self._set(status))
+        services: tuple[str, ...] = ("", SERVICE_NAME)
+        if self._name is not None:
+            model = self._name()
+            if not model:
+                return  # a model named by its manifest has no name before it loaded
+            services = (model_health_name(model),)
+        task = asyncio.get_running_loop().create_task(self._set(services, status))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", SERVICE_NAME):
+    async def _set(
+        self, services: tuple[str, ...], status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for service in services:
             await self._health.set(service, status)
 
 
@@ -100,9 +118,13 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def _name_of(core: EmbeddingCore) -> Callable[[], str]:
+    return lambda: core.model_name
+
+
 def build_server(
     settings: Settings,
-    core: EmbeddingCore,
+    core: EmbeddingCore | ModelRegistry,
     *,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
@@ -119,10 +141,13 @@ def build_server(
     at = 1 if chain and isinstance(chain[0], GrpcObserveInterceptor) else 0
     chain.insert(at, RequestBytesInterceptor(limit))
     server = grpc.aio.server(interceptors=chain, options=_server_options(settings))
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
+    models = ModelRegistry.of(settings, core)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(models, limit), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    core.add_state_listener(_HealthBridge(health))
+    models.add_state_listener(_HealthBridge(health))
+    for one in models.cores:
+        one.add_state_listener(_HealthBridge(health, _name_of(one)))
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
@@ -139,7 +164,7 @@ def build_server(
     return server, port
 
 
-async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
+async def serve(settings: Settings, core: EmbeddingCore | ModelRegistry | None = None) -> int:
     """Run until SIGTERM/SIGINT; 0 on a clean shutdown, 2 when start-up failed."""
     try:  # keys, TLS, metrics and the HTTP front end (service/edge.py)
         edge = Edge.from_settings(settings)
@@ -148,9 +173,7 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
         print(f"embed-serve: error: {exc}", file=sys.stderr)
         return 2
     trace_hooks.install(tracer)
-    core = core or EmbeddingCore(
-        settings, on_batch=edge.metrics.observe_batch, on_stall=edge.metrics.observe_stall
-    )
+    core = ModelRegistry.of(settings, core) if core is not None else edge.registry()
     edge.observe_core(core)
     try:
         server, port = build_server(
@@ -160,7 +183,7 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
         print(f"embed-serve: error: {exc}", file=sys.stderr)
         return 2
     await server.start()
-    log.info("gRPC listening on %s:%d (health NOT_SERVING until the model is ready)", settings.host, port)
+    log.info("gRPC listening on %s:%d (health NOT_SERVING until the models are ready)", settings.host, port)
     try:  # before the model loads, so /health answers 503 while warming up
         http = await edge.start_http(core)
     except OSError as exc:
@@ -177,7 +200,7 @@ async def serve(settings: Settings, core: EmbeddingCore | None = None) -> int:
         await asyncio.to_thread(trace_hooks.shutdown)  # flush the last spans
 
 
-async def _run(settings: Settings, core: EmbeddingCore, server: grpc.aio.Server, port: int) -> int:
+async def _run(settings: Settings, core: ModelRegistry, server: grpc.aio.Server, port: int) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -202,7 +225,9 @@ async def _run(settings: Settings, core: EmbeddingCore, server: grpc.aio.Server,
     return 0
 
 
-async def shutdown(server: grpc.aio.Server, core: EmbeddingCore, grace_period_s: float) -> None:
+async def shutdown(
+    server: grpc.aio.Server, core: EmbeddingCore | ModelRegistry, grace_period_s: float
+) -> None:
     """Drain the core within the grace period, then stop the server (cancelling what is left)."""
     began = time.monotonic()
     log.info("shutting down: draining for up to %.1fs", grace_period_s)

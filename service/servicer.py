@@ -14,13 +14,13 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from service.core import EmbeddingCore
 from service.domain import EmbedJob, EmbedResult, Encoding, InputType, ModelInfo, TokenizeJob, Truncation
 from service.encoding import check_encoding, pack, packed_size
 from service.errors import InvalidInput, TooManyInputs
 from service.grpc_status import call_request_id, maps_errors, maps_stream_errors
 from service.grpc_stream import EmbedStreamRun
 from service.logs import REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS, is_safe_request_id, new_request_id
+from service.models import ModelRegistry
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -129,6 +129,7 @@ def to_job(
         truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
         deadline=_deadline(context),
         request_id=request_id_for(request, index),
+        model=request.model or None,
     )
     return job, encoding
 
@@ -255,13 +256,14 @@ def info_message(info: ModelInfo) -> pb.GetModelInfoResponse:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, core: EmbeddingCore, max_message_bytes: int) -> None:
+    def __init__(self, core: ModelRegistry, max_message_bytes: int) -> None:
+        # The registry: ``embed``/``tokenize``/``model_info`` pick the model the request names.
         self._core = core
         self._max_bytes = max_message_bytes
 
     def _check_unary_size(self, job: EmbedJob, encoding: Encoding) -> None:
         """Refuse before computing a unary answer that could not be sent (streams split instead)."""
-        dims = job.dimensions or self._core.dimensions
+        dims = job.dimensions or self._core.get(job.model).dimensions
         per_input = packed_size(encoding, dims) + _PER_EMBEDDING_BYTES
         fits = max(1, (self._max_bytes - _ENVELOPE_BYTES) // per_input)
         if job.count > fits:
@@ -306,6 +308,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
             request_id=request_id_for(request),
             return_tokens=request.return_tokens,
+            model=request.model or None,
         )
         result = await self._core.tokenize(job)
         inputs = [
@@ -327,4 +330,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        return info_message(self._core.model_info())
+        return info_message(self._core.model_info(request.model or None))
+
+    @maps_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[info_message(info) for info in self._core.model_infos()],
+            default_model=self._core.default.model_name,
+            aliases=[pb.ModelAlias(alias=a, model=m) for a, m in sorted(self._core.aliases().items())],
+        )

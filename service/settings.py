@@ -14,29 +14,64 @@ import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.domain import Truncation
 
 ENV_PREFIX = "EMBED_"
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
+# Settings that hold a list: the flag repeats, the environment variable separates with commas.
+LIST_FIELDS = ("model_dir", "model_alias")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model-dir`` entry: the bundle directory and the name clients use (None: manifest id)."""
+
+    name: str | None
+    directory: Path
+
+
+def _split_pair(entry: str) -> tuple[str, str] | None:
+    """``NAME=VALUE`` → (NAME, VALUE); None when there is no ``=`` or either side is empty."""
+    name, sep, value = entry.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        return None
+    return name.strip(), value.strip()
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # --- model -------------------------------------------------------------------------------
-    model_dir: Path = Field(
-        default=Path("bundles/all-MiniLM-L6-v2"),
-        description="Model bundle directory written by `embed-export` (manifest.json inside).",
+    # NoDecode: a list setting arrives as one comma-separated string, never as JSON.
+    model_dir: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("bundles/all-MiniLM-L6-v2",),
+        min_length=1,
+        description="Model bundle directory written by `embed-export` (manifest.json inside). Repeat "
+        "the flag (environment: comma-separated) to serve several; `NAME=PATH` names one; the first is "
+        "the default.",
     )
     model_name: str | None = Field(
-        default=None, description="Name clients use for the model; defaults to the manifest's model_id."
+        default=None,
+        description="Name clients use for the first model (bare path); defaults to the manifest's model_id.",
+    )
+    model_alias: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="`ALIAS=MODEL`: also answer to ALIAS (e.g. text-embedding-3-small) with MODEL. "
+        "Repeat the flag (environment: comma-separated); an unknown name is refused, never mapped.",
+    )
+    max_total_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Predicted memory of all models together (weights + one largest batch each); start-up "
+        "refuses beyond it. Set: models load in parallel; unset: no check, one after another.",
     )
     allow_dimensions: bool = Field(
         default=False,
@@ -206,8 +241,45 @@ class Settings(BaseSettings):
         "tracing off. Needs the `otel` extra.",
     )
 
+    @field_validator(*LIST_FIELDS, mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """One string (or path) is a comma-separated list, so a single ``EMBED_MODEL_DIR`` stays valid."""
+        items = [value] if isinstance(value, str | Path) else value
+        if not isinstance(items, list | tuple):
+            return value
+        return tuple(part.strip() for item in items for part in str(item).split(",") if part.strip())
+
+    def models(self) -> tuple[ModelSpec, ...]:
+        """The served bundles in order (the first is the default model)."""
+        out = []
+        for index, entry in enumerate(self.model_dir):
+            pair = _split_pair(entry)
+            name, directory = pair if pair is not None else (None, entry)
+            if index == 0 and name is None:
+                name = self.model_name
+            out.append(ModelSpec(name, Path(directory)))
+        return tuple(out)
+
+    @property
+    def bundle_dir(self) -> Path:
+        """The default (first) model's bundle directory."""
+        return self.models()[0].directory
+
+    def aliases(self) -> dict[str, str]:
+        """``--model-alias`` as alias → served model name."""
+        return dict(pair for pair in map(_split_pair, self.model_alias) if pair is not None)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        bad = [entry for entry in self.model_alias if _split_pair(entry) is None]
+        if bad:
+            raise ValueError(f"model_alias must be ALIAS=MODEL (got {bad[0]!r})")
+        if self.model_name and _split_pair(self.model_dir[0]) is not None:
+            raise ValueError("the first model is named twice: by model_name and by NAME=PATH in model_dir")
+        names = [spec.name for spec in self.models() if spec.name]
+        if len(set(names)) < len(names):
+            raise ValueError(f"model names must differ: {', '.join(names)}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -247,6 +319,11 @@ def build_parser(prog: str = "embed-serve") -> argparse.ArgumentParser:
                 flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
             continue
+        if name in LIST_FIELDS:
+            parser.add_argument(
+                flag, dest=name, default=None, action="append", help=help_text + " (repeatable)"
+            )
+            continue
         choices = typing.get_args(base) if typing.get_origin(base) is Literal else None
         parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text)
     return parser
@@ -273,6 +350,8 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | description |", "| --- | --- | --- | --- |"]
     for name, info in Settings.model_fields.items():
         default = info.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or None
         shown = "unset" if default is None else f"`{default}`"
         rows.append(f"| `--{name.replace('_', '-')}` | `{env_name(name)}` | {shown} | {info.description} |")
     return "\n".join(rows)

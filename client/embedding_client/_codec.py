@@ -133,8 +133,11 @@ def texts_list(texts: Iterable[str]) -> list[str]:
     return out
 
 
-def embed_request(texts: Sequence[str], params: EmbedParams, request_id: str) -> pb.EmbedRequest:
+def embed_request(
+    texts: Sequence[str], params: EmbedParams, request_id: str, model: str = ""
+) -> pb.EmbedRequest:
     request = pb.EmbedRequest(
+        model=model,
         inputs=texts,
         input_type=_INPUT_TYPES[params.input_type],
         task=params.task or "",
@@ -149,9 +152,10 @@ def embed_request(texts: Sequence[str], params: EmbedParams, request_id: str) ->
 
 
 def tokenize_request(
-    texts: Sequence[str], params: EmbedParams, request_id: str, return_tokens: bool
+    texts: Sequence[str], params: EmbedParams, request_id: str, return_tokens: bool, model: str = ""
 ) -> pb.TokenizeRequest:
     return pb.TokenizeRequest(
+        model=model,
         inputs=texts,
         input_type=_INPUT_TYPES[params.input_type],
         task=params.task or "",

@@ -39,9 +39,11 @@ class AsyncEmbeddingClient(_Base):
         retries: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         load_balancing: str = "round_robin",
         max_in_flight: int = 4,
+        model: str | None = None,
     ) -> None:
         super().__init__(
             target,
+            model=model,
             api_key=api_key,
             tls=tls,
             timeout=timeout,
@@ -78,7 +80,7 @@ class AsyncEmbeddingClient(_Base):
     async def model_info(self, *, refresh: bool = False) -> ModelInfo:
         async with self._info_lock:
             if self._info is None or refresh:
-                response = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+                response = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(model=self.model))
                 self._info = ModelInfo.from_proto(response)
             return self._info
 
@@ -97,7 +99,7 @@ class AsyncEmbeddingClient(_Base):
     ) -> list[Tokenized]:
         params = _params(input_type, task, instruction, None, truncation)
         rid = codec.new_request_id()
-        request = codec.tokenize_request(codec.texts_list(texts), params, rid, return_tokens)
+        request = codec.tokenize_request(codec.texts_list(texts), params, rid, return_tokens, self.model)
         return codec.tokenized(await self._call(self._stub.Tokenize, request, rid))
 
     async def embed(
@@ -145,7 +147,9 @@ class AsyncEmbeddingClient(_Base):
                 task.cancel()
 
     async def _embed_one(self, items: list[str], params: EmbedParams, rid: str) -> EmbedResult:
-        response = await self._call(self._stub.Embed, codec.embed_request(items, params, rid), rid)
+        response = await self._call(
+            self._stub.Embed, codec.embed_request(items, params, rid, self.model), rid
+        )
         return codec.decode_response(response, len(items), rid)
 
     async def embed_stream(
@@ -191,7 +195,7 @@ class AsyncEmbeddingClient(_Base):
                     await slots.acquire()
                     rid = f"{base}-{index}"
                     sent.append((len(batch), rid))
-                    yield codec.embed_request(batch, params, rid)
+                    yield codec.embed_request(batch, params, rid, self.model)
             except Exception as exc:  # surfaced after the stream ends
                 failure.append(exc)
 

@@ -48,6 +48,7 @@ class _Base:
         retries: RetryPolicy | None,
         load_balancing: str,
         max_in_flight: int,
+        model: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -58,6 +59,8 @@ class _Base:
         self._options = channel_options(retries, load_balancing, tls=self._tls)
         self._auth = call_metadata(api_key)
         self._info: ModelInfo | None = None
+        # The served model (name or alias) every call of this client names; "" is the default model.
+        self.model = model or ""
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         return self._tls.credentials() if self._tls is not None else None
@@ -81,7 +84,8 @@ class EmbeddingClient(_Base):
 
     ``target`` is ``host:port`` (resolved through ``dns:///`` so round_robin spreads calls over
     every replica address) or any gRPC target URI. ``timeout`` is each call's deadline in
-    seconds, retries included; ``retries=None`` disables gRPC retries.
+    seconds, retries included; ``retries=None`` disables gRPC retries. ``model`` names the served
+    model (or alias) every call of this client uses, for servers with several; unset: the default.
     """
 
     def __init__(
@@ -94,9 +98,11 @@ class EmbeddingClient(_Base):
         retries: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         load_balancing: str = "round_robin",
         max_in_flight: int = 4,
+        model: str | None = None,
     ) -> None:
         super().__init__(
             target,
+            model=model,
             api_key=api_key,
             tls=tls,
             timeout=timeout,
@@ -137,7 +143,7 @@ class EmbeddingClient(_Base):
         with self._info_lock:
             if self._info is None or refresh:
                 self._info = ModelInfo.from_proto(
-                    self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+                    self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(model=self.model))
                 )
             return self._info
 
@@ -157,7 +163,7 @@ class EmbeddingClient(_Base):
     ) -> list[Tokenized]:
         params = _params(input_type, task, instruction, None, truncation)
         rid = codec.new_request_id()
-        request = codec.tokenize_request(codec.texts_list(texts), params, rid, return_tokens)
+        request = codec.tokenize_request(codec.texts_list(texts), params, rid, return_tokens, self.model)
         return codec.tokenized(self._call(self._stub.Tokenize, request, rid))
 
     def embed(
@@ -200,7 +206,7 @@ class EmbeddingClient(_Base):
         try:
             for i, (start, end) in enumerate(ranges):
                 rid = f"{base}-{i}"
-                request = codec.embed_request(items[start:end], params, rid)
+                request = codec.embed_request(items[start:end], params, rid, self.model)
                 future = self._stub.Embed.future(request, timeout=self.timeout, metadata=self._metadata())
                 pending.append((future, end - start, rid))
                 if len(pending) >= self.max_in_flight:
@@ -213,7 +219,7 @@ class EmbeddingClient(_Base):
         return EmbedResult.concat(parts, info.dimensions)
 
     def _embed_one(self, items: list[str], params: EmbedParams, rid: str) -> EmbedResult:
-        response = self._call(self._stub.Embed, codec.embed_request(items, params, rid), rid)
+        response = self._call(self._stub.Embed, codec.embed_request(items, params, rid, self.model), rid)
         return codec.decode_response(response, len(items), rid)
 
     @staticmethod
@@ -259,7 +265,7 @@ class EmbeddingClient(_Base):
         if batch_size < 1 or max_in_flight < 1:
             raise ValueError("batch_size and max_in_flight must be at least 1")
         params = params or EmbedParams()
-        feeder = _Feeder(texts, params, batch_size, max_in_flight)
+        feeder = _Feeder(texts, params, batch_size, max_in_flight, self.model)
         call = self._stub.EmbedStream(iter(feeder), metadata=self._metadata())
         assembler = codec.StreamAssembler()
         try:
@@ -283,12 +289,13 @@ class _Feeder:
     """The request side of a stream: reads ``batch_size`` texts only when a slot is free."""
 
     def __init__(
-        self, texts: Iterable[str], params: EmbedParams, batch_size: int, max_in_flight: int
+        self, texts: Iterable[str], params: EmbedParams, batch_size: int, max_in_flight: int, model: str = ""
     ) -> None:
         if isinstance(texts, str | bytes):
             raise TypeError("texts must be an iterable of strings, not a single string")
         self._texts = iter(texts)
         self._params = params
+        self._model = model
         self._batch_size = batch_size
         self.slots = threading.Semaphore(max_in_flight)
         self.stop = threading.Event()
@@ -311,7 +318,7 @@ class _Feeder:
                 rid = f"{self.base}-{index}"
                 self.sent.append((len(batch), rid))
                 index += 1
-                yield codec.embed_request(batch, self._params, rid)
+                yield codec.embed_request(batch, self._params, rid, self._model)
         except BaseException as exc:  # surfaced to the caller by raise_failure
             self._failure = exc
 

@@ -40,6 +40,10 @@ class InvalidInput(EmbeddingError):
     """INVALID_ARGUMENT: the request itself is wrong (empty text, too long, unknown task…); never retried."""
 
 
+class ModelNotFound(InvalidInput):
+    """NOT_FOUND: the client's ``model`` is not served there (the message lists what is)."""
+
+
 class Unauthenticated(EmbeddingError):
     """UNAUTHENTICATED: missing or wrong API key; never retried."""
 
@@ -70,6 +74,7 @@ class ServerError(EmbeddingError):
 
 _BY_STATUS: dict[grpc.StatusCode, type[EmbeddingError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,

@@ -404,7 +404,7 @@ def test_tensorrt_requires_cache_keys(helm: Helm) -> None:
 
 def test_model_dir_points_into_the_model_volume(renders: dict[str, Render]) -> None:
     for name, render in renders.items():
-        model_dir = render.server_env()["EMBED_MODEL_DIR"]
+        model_dir = render.server_env()["EMBED_MODEL_DIR"].split(",")[0].rpartition("=")[2]
         mount = next(m for m in render.server["volumeMounts"] if m["name"] == "model")
         assert model_dir.startswith(mount["mountPath"].rstrip("/") + "/"), name
     assert renders["default"].server_env()["EMBED_MODEL_DIR"] == "/models/all-MiniLM-L6-v2-fp32"
@@ -416,6 +416,30 @@ def test_model_dir_points_into_the_model_volume(renders: dict[str, Render]) -> N
         v["name"]: v for v in renders["gpu-tensorrt"].deployment["spec"]["template"]["spec"]["volumes"]
     }
     assert volumes["model"]["persistentVolumeClaim"]["claimName"] == "embedding-models"
+
+
+def test_two_models_each_on_its_volume(renders: dict[str, Render]) -> None:
+    render = renders["two-models"]
+    env = render.server_env()
+    assert env["EMBED_MODEL_DIR"] == (
+        "minilm=/models/all-MiniLM-L6-v2-fp32,bge-small=/models-extra/0/BAAI--bge-small-en-v1.5-fp32"
+    )
+    assert env["EMBED_MODEL_ALIAS"] == "text-embedding-3-small=minilm"
+    mounts = {m["name"]: m for m in render.server["volumeMounts"]}
+    assert mounts["model-extra-0"] == {
+        "name": "model-extra-0",
+        "mountPath": "/models-extra/0",
+        "readOnly": True,
+    }
+    volumes = {v["name"]: v for v in render.deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = volumes["model-extra-0"]["persistentVolumeClaim"]
+    assert claim == {"claimName": "bge-small-bundle", "readOnly": True}
+    # The settings the chart writes are ones the server accepts.
+    from service.settings import load_settings
+
+    settings = load_settings([], {k: v for k, v in env.items() if k.startswith("EMBED_")})
+    assert [spec.name for spec in settings.models()] == ["minilm", "bge-small"]
+    assert settings.aliases() == {"text-embedding-3-small": "minilm"}
 
 
 def test_default_exports_the_builtin_model_in_an_init_container(renders: dict[str, Render]) -> None:

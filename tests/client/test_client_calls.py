@@ -14,7 +14,7 @@ import pytest
 from client_support import request_counts, toy_truth, wait_count, words
 from rel_harness import Live, ThreadedServer
 
-from embedding_client import AsyncEmbeddingClient, EmbeddingClient, InvalidInput, RetryPolicy
+from embedding_client import AsyncEmbeddingClient, EmbeddingClient, InvalidInput, ModelNotFound, RetryPolicy
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
 
@@ -173,3 +173,20 @@ def test_async_stream_reads_an_async_iterable(live: Live) -> None:
             return np.concatenate([v async for v in client.embed_stream(source(), batch_size=10)])
 
     np.testing.assert_allclose(asyncio.run(main()), toy_truth(MIXED), atol=1e-5)
+
+
+def test_model_parameter_names_the_served_model_on_every_call(live: Live) -> None:
+    with EmbeddingClient(live.grpc_target) as default:
+        name = default.model_info().model
+        expected = default.embed(["w1 w2"])
+    with EmbeddingClient(live.grpc_target, model=name) as named:
+        np.testing.assert_array_equal(named.embed(["w1 w2"]), expected)
+        assert named.model_info().model == name and named.tokenize(["w1"])
+        assert sum(len(r) for r in named.embed_stream(["w1", "w2", "w3"], batch_size=2)) == 3
+    with EmbeddingClient(live.grpc_target, model="text-embedding-ada-002") as unknown:
+        for call in (lambda: unknown.embed(["w1"]), unknown.model_info, lambda: unknown.tokenize(["w1"])):
+            with pytest.raises(ModelNotFound, match=f"served: {name}") as refused:
+                call()
+            assert refused.value.status == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ModelNotFound):
+            list(unknown.embed_stream(["w1"]))

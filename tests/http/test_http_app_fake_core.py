@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.auth import ApiKeys
 from service.domain import EmbedJob, EmbedResult, Limits, ModelInfo, SelfTestResult, Timings, Tokenized, Usage
-from service.errors import InputTooLong, NotReady, Overloaded, RuntimeFailure, TooManyInputs
+from service.errors import InputTooLong, ModelNotFound, NotReady, Overloaded, RuntimeFailure, TooManyInputs
 from service.http import HttpServer
 from service.metrics import Metrics
 
@@ -62,8 +62,13 @@ class FakeCore:
     fail_with: BaseException | None = None
     jobs: list[EmbedJob] = field(default_factory=list)
 
-    def model_info(self) -> ModelInfo:
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        if model not in (None, "tiny", "org/tiny"):
+            raise ModelNotFound(f"model {model!r} is not served here; served: tiny", field="model")
         return _info()
+
+    def model_infos(self) -> list[ModelInfo]:
+        return [_info()]
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         self.jobs.append(job)

@@ -18,6 +18,7 @@ ROWS = [
     (errors.InputTooLong, grpc.StatusCode.INVALID_ARGUMENT, 413),
     (errors.UnknownTask, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (errors.DimensionsNotAllowed, grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND, 404),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE, 503),

@@ -117,6 +117,29 @@ Bundle directory name inside the model volume: explicit, or derived from source 
 {{- end }}
 
 {{/*
+Where an extra model's volume is mounted: its mountPath, else /models-extra/<index>.
+Usage: include "embedding-service.extraModelMount" (list $index $model)
+*/}}
+{{- define "embedding-service.extraModelMount" -}}
+{{- $i := index . 0 }}{{- $m := index . 1 }}
+{{- trimSuffix "/" ($m.mountPath | default (printf "/models-extra/%d" $i)) }}
+{{- end }}
+
+{{/*
+EMBED_MODEL_DIR: the default model (model.*, named by model.name when set), then each of
+extraModels as NAME=PATH, comma-separated.
+*/}}
+{{- define "embedding-service.modelDirs" -}}
+{{- $first := include "embedding-service.modelDir" . }}
+{{- if .Values.model.name }}{{ $first = printf "%s=%s" .Values.model.name $first }}{{ end }}
+{{- $dirs := list $first }}
+{{- range $i, $m := .Values.extraModels }}
+{{- $dirs = append $dirs (printf "%s=%s/%s" $m.name (include "embedding-service.extraModelMount" (list $i $m)) $m.bundleName) }}
+{{- end }}
+{{- join "," $dirs }}
+{{- end }}
+
+{{/*
 TensorRT cache directory, keyed by GPU type, TensorRT version and bundle.
 */}}
 {{- define "embedding-service.trtCacheDir" -}}
@@ -205,7 +228,7 @@ manages. Every name is EMBED_<Settings field>; the chart tests check both direct
 - name: EMBED_HOST
   value: "0.0.0.0"
 - name: EMBED_MODEL_DIR
-  value: {{ include "embedding-service.modelDir" . | quote }}
+  value: {{ include "embedding-service.modelDirs" . | quote }}
 {{- if eq .Values.config.provider "tensorrt" }}
 - name: EMBED_TRT_CACHE_DIR
   value: {{ include "embedding-service.trtCacheDir" . | quote }}
@@ -237,10 +260,12 @@ manages. Every name is EMBED_<Settings field>; the chart tests check both direct
 
 {{/*
 A setting's value as the string pydantic parses. YAML numbers arrive as float64: whole numbers
-are printed as integers (8589934592, not 8.589934592e+09).
+are printed as integers (8589934592, not 8.589934592e+09). A list (model_alias) is joined with commas.
 */}}
 {{- define "embedding-service.scalar" -}}
-{{- if and (kindIs "float64" .) (eq . (floor .)) }}
+{{- if kindIs "slice" . }}
+{{- join "," . }}
+{{- else if and (kindIs "float64" .) (eq . (floor .)) }}
 {{- int64 . }}
 {{- else }}
 {{- toString . }}

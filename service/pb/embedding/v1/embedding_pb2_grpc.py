@@ -27,12 +27,14 @@ if _version_not_supported:
 
 
 class EmbeddingServiceStub:
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
     INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
     NONE, unknown task, dimensions not allowed / out of range, bad enum value,
     encoding not valid with normalize=false, token id out of the vocabulary.
+    NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
     RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
     DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
     UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -65,15 +67,22 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/ListModels',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
     INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
     NONE, unknown task, dimensions not allowed / out of range, bad enum value,
     encoding not valid with normalize=false, token id out of the vocabulary.
+    NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
     RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
     DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
     UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -111,6 +120,13 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every served model (the default first) and the aliases that point at them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +150,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'embedding.v1.EmbeddingService', rpc_method_handlers)
@@ -143,12 +164,14 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EmbeddingService:
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
     INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
     NONE, unknown task, dimensions not allowed / out of range, bad enum value,
     encoding not valid with normalize=false, token id out of the vocabulary.
+    NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
     RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
     DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
     UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -253,6 +276,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/GetModelInfo',
             embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/ListModels',
+            embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,12 +31,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EmbeddingServiceStub:
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
       INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
                          NONE, unknown task, dimensions not allowed / out of range, bad enum value,
                          encoding not valid with normalize=false, token id out of the vocabulary.
+      NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
       RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
       DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
       UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -59,15 +61,19 @@ class EmbeddingServiceStub:
     """What the model sees: token ids after the instruction, special-token and truncation policy."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]
+    """Every served model (the default first) and the aliases that point at them."""
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
       INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
                          NONE, unknown task, dimensions not allowed / out of range, bad enum value,
                          encoding not valid with normalize=false, token id out of the vocabulary.
+      NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
       RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
       DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
       UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -87,14 +93,18 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """What the model sees: token ids after the instruction, special-token and truncation policy."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every served model (the default first) and the aliases that point at them."""
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Embeds texts with the model bundle the server was started on.
+    """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
+    empty means the default (the first --model-dir).
 
     Errors (the same table as docs/api.md and service/errors.py):
       INVALID_ARGUMENT   empty inputs, empty string, too many inputs, input too long with truncation
                          NONE, unknown task, dimensions not allowed / out of range, bad enum value,
                          encoding not valid with normalize=false, token id out of the vocabulary.
+      NOT_FOUND          `model` names no served model nor alias (the message lists the served ones).
       RESOURCE_EXHAUSTED the server's queue is full: retry with back-off.
       DEADLINE_EXCEEDED  the deadline passed before the work was computed (it is then never computed).
       UNAVAILABLE        warming up or draining: retry, maybe on another replica.
@@ -136,5 +146,13 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.GetModelInfoResponse, _abc.Awaitable[_embedding_pb2.GetModelInfoResponse]]:
         """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _embedding_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.ListModelsResponse, _abc.Awaitable[_embedding_pb2.ListModelsResponse]]:
+        """Every served model (the default first) and the aliases that point at them."""
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,47 +26,53 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xd6\x02\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\ninput_type\x18\x02 \x01(\x0e\x32\x17.embedding.v1.InputType\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x06 \x01(\rH\x01\x88\x01\x01\x12,\n\ntruncation\x18\x07 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12(\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\x12\n\nrequest_id\x18\t \x01(\t\x12,\n\x0ctoken_inputs\x18\n \x03(\x0b\x32\x16.embedding.v1.TokenIdsB\x0c\n\n_normalizeB\r\n\x0b_dimensions\"z\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x0e\n\x06packed\x18\x03 \x01(\x0c\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0e\x64ropped_tokens\x18\x06 \x01(\r\"M\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x03 \x01(\r\"X\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xbb\x02\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.embedding.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.embedding.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\r\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\x15\n\rrequest_index\x18\x08 \x01(\r\x12\x0e\n\x06offset\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x0c\n\x04part\x18\x0b \x01(\r\x12\x0c\n\x04last\x18\x0c \x01(\x08\"\xca\x01\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\ninput_type\x18\x02 \x01(\x0e\x32\x17.embedding.v1.InputType\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12,\n\ntruncation\x18\x05 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\"|\n\x0eTokenizedInput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x16\n\x0e\x64ropped_tokens\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"y\n\x10TokenizeResponse\x12,\n\x06inputs\x18\x01 \x03(\x0b\x32\x1c.embedding.v1.TokenizedInput\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\")\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binstruction\x18\x02 \x01(\t\"\xf9\x01\n\x06Limits\x12\x1e\n\x16max_inputs_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x34\n\x12\x64\x65\x66\x61ult_truncation\x18\x07 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12\x18\n\x10\x61llow_dimensions\x18\x08 \x01(\x08\"p\n\x08SelfTest\x12\x0b\n\x03ran\x18\x01 \x01(\x08\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0f\n\x07vectors\x18\x03 \x01(\r\x12\x12\n\nmin_cosine\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xdc\x04\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bsource_kind\x18\x03 \x01(\t\x12\x11\n\tsource_id\x18\x04 \x01(\t\x12\x17\n\x0fsource_revision\x18\x05 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x12\n\nmodel_type\x18\x07 \x01(\t\x12\x12\n\ndimensions\x18\x08 \x01(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x0f\n\x07pooling\x18\n \x01(\t\x12\x11\n\tattention\x18\x0b \x01(\t\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\r \x03(\t\x12\x15\n\rbundle_sha256\x18\x0e \x01(\t\x12!\n\x05tasks\x18\x0f \x03(\x0b\x32\x12.embedding.v1.Task\x12\x14\n\x0c\x64\x65\x66\x61ult_task\x18\x10 \x01(\t\x12\x16\n\x0equery_template\x18\x11 \x01(\t\x12$\n\x06limits\x18\x12 \x01(\x0b\x32\x14.embedding.v1.Limits\x12+\n\nvalidation\x18\x13 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\tself_test\x18\x14 \x01(\x0b\x32\x16.embedding.v1.SelfTest\x12\x17\n\x0f\x62\x61tch_invariant\x18\x15 \x01(\x08\x12\x12\n\nmatryoshka\x18\x16 \x01(\x08\x12)\n\tencodings\x18\x17 \x03(\x0e\x32\x16.embedding.v1.Encoding*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x02*g\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATION_NONE\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02\x12\x14\n\x10TRUNCATION_START\x10\x03*\x8d\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NCODING_VALUES\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x02\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x12\x13\n\x0f\x45NCODING_BINARY\x10\x05\x32\xc2\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse(\x01\x30\x01\x12I\n\x08Tokenize\x12\x1d.embedding.v1.TokenizeRequest\x1a\x1e.embedding.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.embedding.v1.GetModelInfoRequest\x1a\".embedding.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe5\x02\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\ninput_type\x18\x02 \x01(\x0e\x32\x17.embedding.v1.InputType\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\ndimensions\x18\x06 \x01(\rH\x01\x88\x01\x01\x12,\n\ntruncation\x18\x07 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12(\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\x12\n\nrequest_id\x18\t \x01(\t\x12,\n\x0ctoken_inputs\x18\n \x03(\x0b\x32\x16.embedding.v1.TokenIds\x12\r\n\x05model\x18\x0b \x01(\tB\x0c\n\n_normalizeB\r\n\x0b_dimensions\"z\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\x0e\n\x06packed\x18\x03 \x01(\x0c\x12\x13\n\x0btoken_count\x18\x04 \x01(\r\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0e\x64ropped_tokens\x18\x06 \x01(\r\"M\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x03 \x01(\r\"X\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x13\n\x0btokenize_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xbb\x02\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.embedding.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.embedding.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x12\n\ndimensions\x18\x06 \x01(\r\x12(\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\x15\n\rrequest_index\x18\x08 \x01(\r\x12\x0e\n\x06offset\x18\t \x01(\r\x12\r\n\x05\x63ount\x18\n \x01(\r\x12\x0c\n\x04part\x18\x0b \x01(\r\x12\x0c\n\x04last\x18\x0c \x01(\x08\"\xd9\x01\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\ninput_type\x18\x02 \x01(\x0e\x32\x17.embedding.v1.InputType\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0binstruction\x18\x04 \x01(\t\x12,\n\ntruncation\x18\x05 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rreturn_tokens\x18\x07 \x01(\x08\x12\r\n\x05model\x18\x08 \x01(\t\"|\n\x0eTokenizedInput\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x16\n\x0e\x64ropped_tokens\x18\x05 \x01(\r\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"y\n\x10TokenizeResponse\x12,\n\x06inputs\x18\x01 \x03(\x0b\x32\x1c.embedding.v1.TokenizedInput\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\")\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binstruction\x18\x02 \x01(\t\"\xf9\x01\n\x06Limits\x12\x1e\n\x16max_inputs_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\r\x12\x34\n\x12\x64\x65\x66\x61ult_truncation\x18\x07 \x01(\x0e\x32\x18.embedding.v1.Truncation\x12\x18\n\x10\x61llow_dimensions\x18\x08 \x01(\x08\"p\n\x08SelfTest\x12\x0b\n\x03ran\x18\x01 \x01(\x08\x12\x0e\n\x06passed\x18\x02 \x01(\x08\x12\x0f\n\x07vectors\x18\x03 \x01(\r\x12\x12\n\nmin_cosine\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\"\xdc\x04\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bsource_kind\x18\x03 \x01(\t\x12\x11\n\tsource_id\x18\x04 \x01(\t\x12\x17\n\x0fsource_revision\x18\x05 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x12\n\nmodel_type\x18\x07 \x01(\t\x12\x12\n\ndimensions\x18\x08 \x01(\r\x12\x18\n\x10max_input_tokens\x18\t \x01(\r\x12\x0f\n\x07pooling\x18\n \x01(\t\x12\x11\n\tattention\x18\x0b \x01(\t\x12\x11\n\tprecision\x18\x0c \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\r \x03(\t\x12\x15\n\rbundle_sha256\x18\x0e \x01(\t\x12!\n\x05tasks\x18\x0f \x03(\x0b\x32\x12.embedding.v1.Task\x12\x14\n\x0c\x64\x65\x66\x61ult_task\x18\x10 \x01(\t\x12\x16\n\x0equery_template\x18\x11 \x01(\t\x12$\n\x06limits\x18\x12 \x01(\x0b\x32\x14.embedding.v1.Limits\x12+\n\nvalidation\x18\x13 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\tself_test\x18\x14 \x01(\x0b\x32\x16.embedding.v1.SelfTest\x12\x17\n\x0f\x62\x61tch_invariant\x18\x15 \x01(\x08\x12\x12\n\nmatryoshka\x18\x16 \x01(\x08\x12)\n\tencodings\x18\x17 \x03(\x0e\x32\x16.embedding.v1.Encoding\"\x13\n\x11ListModelsRequest\"*\n\nModelAlias\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x8a\x01\n\x12ListModelsResponse\x12\x32\n\x06models\x18\x01 \x03(\x0b\x32\".embedding.v1.GetModelInfoResponse\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12)\n\x07\x61liases\x18\x03 \x03(\x0b\x32\x18.embedding.v1.ModelAlias*V\n\tInputType\x12\x1a\n\x16INPUT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INPUT_TYPE_QUERY\x10\x01\x12\x17\n\x13INPUT_TYPE_DOCUMENT\x10\x02*g\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATION_NONE\x10\x01\x12\x12\n\x0eTRUNCATION_END\x10\x02\x12\x14\n\x10TRUNCATION_START\x10\x03*\x8d\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45NCODING_VALUES\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x02\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x12\x13\n\x0f\x45NCODING_BINARY\x10\x05\x32\x93\x03\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12J\n\x0b\x45mbedStream\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse(\x01\x30\x01\x12I\n\x08Tokenize\x12\x1d.embedding.v1.TokenizeRequest\x1a\x1e.embedding.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.embedding.v1.GetModelInfoRequest\x1a\".embedding.v1.GetModelInfoResponse\x12O\n\nListModels\x12\x1f.embedding.v1.ListModelsRequest\x1a .embedding.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedding.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INPUTTYPE']._serialized_start=2550
-  _globals['_INPUTTYPE']._serialized_end=2636
-  _globals['_TRUNCATION']._serialized_start=2638
-  _globals['_TRUNCATION']._serialized_end=2741
-  _globals['_ENCODING']._serialized_start=2744
-  _globals['_ENCODING']._serialized_end=2885
+  _globals['_INPUTTYPE']._serialized_start=2801
+  _globals['_INPUTTYPE']._serialized_end=2887
+  _globals['_TRUNCATION']._serialized_start=2889
+  _globals['_TRUNCATION']._serialized_end=2992
+  _globals['_ENCODING']._serialized_start=2995
+  _globals['_ENCODING']._serialized_end=3136
   _globals['_TOKENIDS']._serialized_start=76
   _globals['_TOKENIDS']._serialized_end=99
   _globals['_EMBEDREQUEST']._serialized_start=102
-  _globals['_EMBEDREQUEST']._serialized_end=444
-  _globals['_EMBEDDING']._serialized_start=446
-  _globals['_EMBEDDING']._serialized_end=568
-  _globals['_USAGE']._serialized_start=570
-  _globals['_USAGE']._serialized_end=647
-  _globals['_TIMINGS']._serialized_start=649
-  _globals['_TIMINGS']._serialized_end=737
-  _globals['_EMBEDRESPONSE']._serialized_start=740
-  _globals['_EMBEDRESPONSE']._serialized_end=1055
-  _globals['_TOKENIZEREQUEST']._serialized_start=1058
-  _globals['_TOKENIZEREQUEST']._serialized_end=1260
-  _globals['_TOKENIZEDINPUT']._serialized_start=1262
-  _globals['_TOKENIZEDINPUT']._serialized_end=1386
-  _globals['_TOKENIZERESPONSE']._serialized_start=1388
-  _globals['_TOKENIZERESPONSE']._serialized_end=1509
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1511
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1532
-  _globals['_TASK']._serialized_start=1534
-  _globals['_TASK']._serialized_end=1575
-  _globals['_LIMITS']._serialized_start=1578
-  _globals['_LIMITS']._serialized_end=1827
-  _globals['_SELFTEST']._serialized_start=1829
-  _globals['_SELFTEST']._serialized_end=1941
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1944
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2548
-  _globals['_EMBEDDINGSERVICE']._serialized_start=2888
-  _globals['_EMBEDDINGSERVICE']._serialized_end=3210
+  _globals['_EMBEDREQUEST']._serialized_end=459
+  _globals['_EMBEDDING']._serialized_start=461
+  _globals['_EMBEDDING']._serialized_end=583
+  _globals['_USAGE']._serialized_start=585
+  _globals['_USAGE']._serialized_end=662
+  _globals['_TIMINGS']._serialized_start=664
+  _globals['_TIMINGS']._serialized_end=752
+  _globals['_EMBEDRESPONSE']._serialized_start=755
+  _globals['_EMBEDRESPONSE']._serialized_end=1070
+  _globals['_TOKENIZEREQUEST']._serialized_start=1073
+  _globals['_TOKENIZEREQUEST']._serialized_end=1290
+  _globals['_TOKENIZEDINPUT']._serialized_start=1292
+  _globals['_TOKENIZEDINPUT']._serialized_end=1416
+  _globals['_TOKENIZERESPONSE']._serialized_start=1418
+  _globals['_TOKENIZERESPONSE']._serialized_end=1539
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1541
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1577
+  _globals['_TASK']._serialized_start=1579
+  _globals['_TASK']._serialized_end=1620
+  _globals['_LIMITS']._serialized_start=1623
+  _globals['_LIMITS']._serialized_end=1872
+  _globals['_SELFTEST']._serialized_start=1874
+  _globals['_SELFTEST']._serialized_end=1986
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1989
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2593
+  _globals['_LISTMODELSREQUEST']._serialized_start=2595
+  _globals['_LISTMODELSREQUEST']._serialized_end=2614
+  _globals['_MODELALIAS']._serialized_start=2616
+  _globals['_MODELALIAS']._serialized_end=2658
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2661
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2799
+  _globals['_EMBEDDINGSERVICE']._serialized_start=3139
+  _globals['_EMBEDDINGSERVICE']._serialized_end=3542
 # @@protoc_insertion_point(module_scope)

@@ -155,6 +155,7 @@ class EmbedRequest(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOKEN_INPUTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     input_type: Global___InputType.ValueType
     task: _builtins.str
     """A named instruction from the model bundle (GetModelInfo lists them). Queries only."""
@@ -170,6 +171,8 @@ class EmbedRequest(_message.Message):
     encoding: Global___Encoding.ValueType
     request_id: _builtins.str
     """Echoed in the response and in logs; the server makes one up when empty."""
+    model: _builtins.str
+    """A served model name or alias (ListModels); empty: the default model."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Texts to embed. Exactly one of `inputs` and `token_inputs` must be non-empty."""
@@ -191,10 +194,11 @@ class EmbedRequest(_message.Message):
         encoding: Global___Encoding.ValueType = ...,
         request_id: _builtins.str = ...,
         token_inputs: _abc.Iterable[Global___TokenIds] | None = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "encoding", b"encoding", "input_type", b"input_type", "inputs", b"inputs", "instruction", b"instruction", "normalize", b"normalize", "request_id", b"request_id", "task", b"task", "token_inputs", b"token_inputs", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "_normalize", b"_normalize", "dimensions", b"dimensions", "encoding", b"encoding", "input_type", b"input_type", "inputs", b"inputs", "instruction", b"instruction", "model", b"model", "normalize", b"normalize", "request_id", b"request_id", "task", b"task", "token_inputs", b"token_inputs", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
@@ -383,6 +387,7 @@ class TokenizeRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RETURN_TOKENS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     input_type: Global___InputType.ValueType
     task: _builtins.str
     instruction: _builtins.str
@@ -390,6 +395,8 @@ class TokenizeRequest(_message.Message):
     request_id: _builtins.str
     return_tokens: _builtins.bool
     """Also return each token's string form."""
+    model: _builtins.str
+    """A served model name or alias; empty: the default model."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -402,10 +409,11 @@ class TokenizeRequest(_message.Message):
         truncation: Global___Truncation.ValueType = ...,
         request_id: _builtins.str = ...,
         return_tokens: _builtins.bool = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_type", b"input_type", "inputs", b"inputs", "instruction", b"instruction", "request_id", b"request_id", "return_tokens", b"return_tokens", "task", b"task", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_type", b"input_type", "inputs", b"inputs", "instruction", b"instruction", "model", b"model", "request_id", b"request_id", "return_tokens", b"return_tokens", "task", b"task", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -484,12 +492,17 @@ Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
 class GetModelInfoRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """A served model name or alias; empty: the default model."""
     def __init__(
         self,
+        *,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,3 +702,72 @@ class GetModelInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ModelAlias(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The name clients send."""
+    model: _builtins.str
+    """The served model it selects."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelAlias: _TypeAlias = ModelAlias  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    default_model: _builtins.str
+    """The model used when a request names none."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetModelInfoResponse]:
+        """Loaded models, the default first (a model still loading is not listed yet)."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelAlias]: ...
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___GetModelInfoResponse] | None = ...,
+        default_model: _builtins.str = ...,
+        aliases: _abc.Iterable[Global___ModelAlias] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "default_model", b"default_model", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
