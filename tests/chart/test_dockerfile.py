@@ -101,8 +101,9 @@ def test_targets_exist_with_entrypoints() -> None:
 
 
 def test_serving_images_install_exactly_one_onnxruntime() -> None:
-    assert all_extras(STAGES["cpu"]) == {"cpu"}
-    assert all_extras(STAGES["gpu"]) == {"gpu"}
+    # otel: the images trace when `otlp_endpoint` is set (OpenTelemetry only, no onnxruntime).
+    assert all_extras(STAGES["cpu"]) == {"cpu", "otel"}
+    assert all_extras(STAGES["gpu"]) == {"gpu", "otel"}
     for stage in STAGES.values():
         assert not {"cpu", "gpu"} <= all_extras(stage), (
             f"{stage.name} installs onnxruntime and onnxruntime-gpu"
@@ -114,7 +115,8 @@ def test_serving_images_install_exactly_one_onnxruntime() -> None:
 
 def test_export_image_matches_bootstrap_and_readme() -> None:
     """The export image installs what `make serve` / scripts/bootstrap.sh install, torch pin included."""
-    export = all_extras(STAGES["export"])
+    # The export image builds on the serving one, whose tracing extra it keeps (no onnxruntime in it).
+    export = all_extras(STAGES["export"]) - {"otel"}
     assert export == bootstrap_default_extras() - {"dev"}
     serve_default = (ROOT / "scripts" / "serve-default.sh").read_text()
     m = re.search(r"bootstrap\.sh ([a-z,]+)", serve_default)
