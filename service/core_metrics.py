@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from service.cache import CacheStats
 from service.domain import CoreState, EmbedResult, ModelInfo, SelfTestResult
 from service.http import Core
 from service.metrics import Metrics
@@ -38,6 +39,8 @@ class ObservedCore(Core, Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
+    def cache_stats(self) -> CacheStats: ...
+
 
 def observe_core(metrics: Metrics, core: ObservedCore) -> None:
     """Readiness, self-test, providers, queue depth and per-result stage timings into metrics.
@@ -61,6 +64,7 @@ def observe_core(metrics: Metrics, core: ObservedCore) -> None:
     core.add_state_listener(on_state)
     core.add_result_listener(on_result)
     metrics.bind_queue(lambda: _queue(core, "queue_depth"), lambda: _queue(core, "queued_tokens"))
+    metrics.bind_cache(core.cache_stats)
 
 
 def _queue(core: ObservedCore, attribute: str) -> float:
