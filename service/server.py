@@ -33,9 +33,9 @@ from service.edge import Edge
 from service.errors import StartupError
 from service.grpc_decode import RECEIVE_HEADROOM, RequestBytesInterceptor
 from service.grpc_observe import GrpcObserveInterceptor
+from service.grpc_rerank import RerankingServicer
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
 
@@ -118,7 +118,7 @@ def build_server(
     at = 1 if chain and isinstance(chain[0], GrpcObserveInterceptor) else 0
     chain.insert(at, RequestBytesInterceptor(limit))
     server = grpc.aio.server(interceptors=chain, options=_server_options(settings))
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(core, limit), server)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(RerankingServicer(core, limit), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     core.add_state_listener(_HealthBridge(health))

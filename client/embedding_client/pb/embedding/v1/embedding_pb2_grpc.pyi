@@ -59,6 +59,8 @@ class EmbeddingServiceStub:
     """What the model sees: token ids after the instruction, special-token and truncation policy."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+    Rerank: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]
+    """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -87,6 +89,8 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """What the model sees: token ids after the instruction, special-token and truncation policy."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+    Rerank: _aio.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]  # type: ignore[assignment]
+    """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Embeds texts with the model bundle the server was started on.
@@ -136,5 +140,13 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.GetModelInfoResponse, _abc.Awaitable[_embedding_pb2.GetModelInfoResponse]]:
         """Model, bundle, limits, execution providers in use and the start-up self-test result."""
+
+    @_abc_1.abstractmethod
+    def Rerank(
+        self,
+        request: _embedding_pb2.RerankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.RerankResponse, _abc.Awaitable[_embedding_pb2.RerankResponse]]:
+        """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

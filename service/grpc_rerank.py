@@ -1,0 +1,80 @@
+"""``Rerank`` RPC: proto ⇄ :mod:`service.rerank`, nothing else.
+
+Why a subclass of ``EmbeddingServicer`` in its own module: the servicer stays about Embed /
+Tokenize / GetModelInfo, the rerank translation reuses its request checks (imports flow one way:
+this module → servicer), and server.py registers this class instead.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from service.domain import ModelInfo
+from service.errors import InvalidInput
+from service.grpc_status import maps_errors
+from service.pb.embedding.v1 import embedding_pb2 as pb
+from service.rerank import Embedder, RerankJob, rerank
+from service.servicer import (
+    TRUNCATIONS,
+    EmbeddingServicer,
+    _deadline,
+    _enum,
+    check_text_fields,
+    request_id_for,
+)
+
+
+class RerankCore(Embedder, Protocol):
+    def model_info(self) -> ModelInfo: ...
+
+
+def check_model(asked: str, info: ModelInfo) -> None:
+    if asked and asked not in (info.model, info.model_id):
+        raise InvalidInput(f"model '{asked}' is not served here; GetModelInfo names it", field="model")
+
+
+async def rerank_rpc(
+    core: RerankCore, request: pb.RerankRequest, context: grpc.aio.ServicerContext
+) -> pb.RerankResponse:
+    check_text_fields(request)
+    check_model(request.model, core.model_info())
+    job = RerankJob(
+        query=request.query,
+        documents=tuple(request.documents),
+        top_n=request.top_n if request.HasField("top_n") else None,
+        task=request.task or None,
+        instruction=request.instruction or None,
+        truncation=_enum(TRUNCATIONS, request.truncation, "truncation"),
+        deadline=_deadline(context),
+        request_id=request_id_for(request),
+    )
+    result = await rerank(core, job)
+    u, t = result.usage, result.timings
+    return pb.RerankResponse(
+        results=[
+            pb.RerankResult(
+                index=r.index,
+                relevance_score=r.score,
+                document=request.documents[r.index] if request.return_documents else "",
+            )
+            for r in result.ranked
+        ],
+        usage=pb.Usage(
+            input_tokens=u.input_tokens, total_tokens=u.total_tokens, truncated_inputs=u.truncated_inputs
+        ),
+        model=result.model,
+        request_id=result.request_id,
+        timings=pb.Timings(
+            queue_ms=t.queue_ms, tokenize_ms=t.tokenize_ms, inference_ms=t.inference_ms, total_ms=t.total_ms
+        ),
+    )
+
+
+class RerankingServicer(EmbeddingServicer):
+    """``EmbeddingServicer`` plus the ``Rerank`` RPC."""
+
+    @maps_errors
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        return await rerank_rpc(self._core, request, context)
