@@ -20,6 +20,7 @@ from bench.tokenization import texts
 
 ZIPF_S = 1.1
 CLIENTS = 8
+CACHE_BYTES = 64 * 1024**2  # the default of --cache-bytes
 
 
 def zipf_stream(universe: list[str], n: int, s: float, seed: int) -> list[list[str]]:
@@ -50,7 +51,10 @@ def run(rounds: int, quick: bool) -> Section:
     metrics_port = _free_port()
     with (
         server(path, EMBED_CACHE_BYTES="0") as (port_off, _),
-        server(path, EMBED_METRICS_PORT=str(metrics_port)) as (port_on, _),
+        server(path, EMBED_CACHE_BYTES=str(CACHE_BYTES), EMBED_METRICS_PORT=str(metrics_port)) as (
+            port_on,
+            _,
+        ),
     ):
         ports = {"cache off": port_off, "cache on": port_on}
         for r in range(rounds):

@@ -48,17 +48,21 @@ def _free_port() -> int:
 
 @contextmanager
 def server(bundle_dir: Path, **env: str) -> Iterator[tuple[int, float]]:
-    """Start ``python -m service`` on a free port; yield (port, seconds from spawn to SERVING)."""
+    """Start ``python -m service`` on a free port (result cache off unless ``env`` says otherwise);
+    yield (port, seconds from spawn to SERVING)."""
     port = _free_port()
-    environ = dict(
-        os.environ,
-        EMBED_MODEL_DIR=str(bundle_dir),
-        EMBED_PORT=str(port),
-        EMBED_HOST="127.0.0.1",
-        EMBED_LOG_LEVEL="warning",
-        EMBED_INTRA_OP_THREADS="2",
+    environ = {
+        **os.environ,
+        "EMBED_MODEL_DIR": str(bundle_dir),
+        "EMBED_PORT": str(port),
+        "EMBED_HOST": "127.0.0.1",
+        "EMBED_LOG_LEVEL": "warning",
+        "EMBED_INTRA_OP_THREADS": "2",
+        # These scenarios measure the model path and repeat their requests: a result cache would
+        # answer the repeats without it. The cache scenario turns it on explicitly.
+        "EMBED_CACHE_BYTES": "0",
         **env,
-    )
+    }
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"],
