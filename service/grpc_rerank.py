@@ -12,11 +12,12 @@ from typing import Protocol
 import grpc
 
 from service.domain import ModelInfo
-from service.errors import InvalidInput
+from service.errors import InvalidInput, TooManyInputs
 from service.grpc_status import maps_errors
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.rerank import Embedder, RerankJob, rerank
 from service.servicer import (
+    _ENVELOPE_BYTES,
     TRUNCATIONS,
     EmbeddingServicer,
     _deadline,
@@ -72,9 +73,29 @@ async def rerank_rpc(
     )
 
 
+# Bytes of one RerankResult besides its document text: index, score, tags and lengths.
+_PER_RESULT_BYTES = 16
+
+
+def check_response_size(request: pb.RerankRequest, max_bytes: int) -> None:
+    """Echoed documents plus per-result fields can outgrow a request that was just under the limit:
+    refuse before computing an answer that could not be sent (as ``Embed`` does)."""
+    if not request.return_documents:
+        return
+    size = _ENVELOPE_BYTES + sum(len(d.encode()) + _PER_RESULT_BYTES for d in request.documents)
+    if size > max_bytes:
+        raise TooManyInputs(
+            f"the answer with return_documents would be about {size} bytes, over the {max_bytes}-byte "
+            "message limit; set return_documents=false (results carry each document's index) or send "
+            "fewer documents",
+            field="return_documents",
+        )
+
+
 class RerankingServicer(EmbeddingServicer):
     """``EmbeddingServicer`` plus the ``Rerank`` RPC."""
 
     @maps_errors
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        check_response_size(request, self._max_bytes)
         return await rerank_rpc(self._core, request, context)

@@ -241,3 +241,22 @@ async def test_grpc_refusals(stack: Stack, fields: dict[str, Any], says: str) ->
             await stack.stub(channel).Rerank(pb.RerankRequest(**fields), metadata=GRPC_AUTH, timeout=60)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert says in (caught.value.details() or "")
+
+
+async def test_grpc_refuses_an_answer_that_could_not_be_sent(stack: Stack) -> None:
+    """Echoed documents plus per-result fields outgrow a request just under max_message_bytes."""
+    limit = stack.settings.max_message_bytes
+    docs = ["w" * ((limit - 200) // MAX_INPUTS)] * MAX_INPUTS
+    request = pb.RerankRequest(query=QUERY, documents=docs, return_documents=True)
+    assert request.ByteSize() <= limit
+    async with stack.channel() as channel:
+        stub = stack.stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Rerank(request, metadata=GRPC_AUTH, timeout=60)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "return_documents=false" in (caught.value.details() or "")
+        assert dict(caught.value.trailing_metadata() or ())["embed-error-field"] == "return_documents"
+        request.return_documents = False  # passes this check; refused next for the length instead
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Rerank(request, metadata=GRPC_AUTH, timeout=60)
+        assert dict(caught.value.trailing_metadata() or ())["embed-error-field"] == "documents[0]"
