@@ -46,6 +46,7 @@ async def stack(tiny_qwen2_bundle: Path, keys_file: Path) -> AsyncIterator[Stack
         max_inputs_per_request=MAX_INPUTS,
         max_input_tokens=MAX_TOKENS,
         max_batch_size=8,
+        cache_bytes=1 << 20,  # on, as by default: rerank shares it (test_rerank_shares_the_result_cache)
     )
     s = await start_stack(settings)
     yield s

@@ -150,7 +150,7 @@ async def test_mean_pooling_batch_of_one_is_the_known_exception(rel_toy_bundle: 
     bounded here (and the test fails if ONNX Runtime ever makes it exact)."""
     texts = [" ".join(f"w{(7 * i + j) % 97}" for j in range(n)) for i, n in enumerate((3, 9, 17, 25, 30))]
     async with (
-        live_server(rel_toy_bundle, max_batch_wait_ms=20, cache_bytes=0) as live,  # measure, not recall
+        live_server(rel_toy_bundle, max_batch_wait_ms=20) as live,
         grpc_channel(live.grpc_target) as channel,
     ):
         stub, _ = stubs(channel)

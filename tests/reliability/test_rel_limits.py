@@ -37,7 +37,6 @@ async def test_limits_grpc_and_http(rel_toy_bundle: Path) -> None:
         max_inputs_per_request=8,
         max_input_tokens=16,
         http_allow_token_ids=True,  # token-id limits on HTTP too (ids are opt-in there)
-        cache_bytes=0,  # every accepted request must reach the runtime, repeats included
     ) as live:
         runtime.reset()
         async with grpc_channel(live.grpc_target) as channel, aiohttp.ClientSession() as http:

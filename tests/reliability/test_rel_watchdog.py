@@ -74,9 +74,7 @@ async def test_hung_runtime_call_turns_health_not_serving(
     caplog.set_level(logging.INFO, logger="service")
     runtime = CountingRuntime()
     async with (
-        live_server(
-            rel_toy_bundle, runtime, watchdog_stall_s=STALL_S, cache_bytes=0
-        ) as live,  # repeats must run
+        live_server(rel_toy_bundle, runtime, watchdog_stall_s=STALL_S) as live,
         grpc_channel(live.grpc_target) as channel,
     ):
         stub, health = stubs(channel)

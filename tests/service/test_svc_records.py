@@ -143,10 +143,7 @@ async def test_aio_clients_see_the_refusal_not_internal(
     monkeypatch.setattr(grpc_stream, "DRAIN_IDLE_S", 30.0)
     runtime = FakeRuntime(toy_table, delay_s=0.01)
     codes: collections.Counter[str] = collections.Counter()
-    # cache off: the toy vocabulary reads these inputs as the same [UNK] ids, which would be hits
-    async with serving(
-        toy_bundle, runtime, edge=True, max_queue_tokens=64, max_batch_size=8, cache_bytes=0
-    ) as h:
+    async with serving(toy_bundle, runtime, edge=True, max_queue_tokens=64, max_batch_size=8) as h:
 
         async def one(k: int) -> None:
             requests = [pb.EmbedRequest(inputs=[f"w{k} {i} " + "x " * 5]) for i in range(40)]
