@@ -168,9 +168,10 @@ def _requests_ok(http_port: int, host: str) -> int:
 def _server_on(path: Path, host: str, port: int, http_port: int) -> Iterator[None]:
     from embedding_client import EmbeddingClient
 
+    # Result cache off: this measures the client against the model path, and requests repeat.
     env = dict(os.environ, EMBED_MODEL_DIR=str(path), EMBED_HOST=host, EMBED_PORT=str(port),
                EMBED_HTTP_HOST=host, EMBED_HTTP_PORT=str(http_port), EMBED_LOG_LEVEL="warning",
-               EMBED_INTRA_OP_THREADS="1")  # fmt: skip
+               EMBED_INTRA_OP_THREADS="1", EMBED_CACHE_BYTES="0")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     try:

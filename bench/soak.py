@@ -111,6 +111,7 @@ def start_server(model_dir: Path, stderr: Path, extra: list[str], timeout_s: flo
         "--port", str(grpc_port),
         "--http-port", str(http_port),
         "--log-level", "warning",
+        "--cache-bytes", "0",  # the RSS bound has no room for a result cache; repeats must run
         *extra,
     ]  # fmt: skip
     with stderr.open("wb") as err:

@@ -23,6 +23,7 @@ from functools import partial
 
 from bundle.manifest import BundleError
 from service.batcher import Batcher, BatchObserver
+from service.cache import CacheStats, VectorCache, submit_cached
 from service.domain import (
     CoreState,
     EmbedJob,
@@ -114,6 +115,7 @@ class EmbeddingCore:
         self._tok_small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-tokenize-small")
         self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
+        self._cache = VectorCache(settings.cache_bytes)
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -305,7 +307,14 @@ class EmbeddingCore:
             tokenized = await self._tokenize(job, tokenizer)
             tokenize_ms = (time.perf_counter() - started) * 1000.0
             charge_tokens(sum(t.token_count for t in tokenized))  # per-key tokens/minute, before batching
-            out = await batcher.submit([t.ids for t in tokenized], job.deadline, request_id=request_id)
+            out = await submit_cached(
+                self._cache,
+                model.bundle_sha256,
+                batcher,
+                [t.ids for t in tokenized],
+                job.deadline,
+                request_id=request_id,
+            )
         finally:
             self._end()
         vectors = postprocess(out.vectors, out.norms, normalize=job.normalize, dimensions=job.dimensions)
@@ -357,6 +366,10 @@ class EmbeddingCore:
     def max_input_tokens(self) -> int:
         """The served per-input limit (0 until loaded)."""
         return self._model.max_input_tokens if self._model is not None else 0
+
+    def cache_stats(self) -> CacheStats:
+        """The result cache's counters and size (service/cache.py), for metrics at scrape time."""
+        return self._cache.stats()
 
     @property
     def self_test_result(self) -> SelfTestResult:

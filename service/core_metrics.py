@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from service.cache import CacheStats
 from service.core import EmbeddingCore
 from service.domain import CoreState, EmbedResult
 from service.metrics import Metrics
@@ -42,6 +43,7 @@ def observe_models(metrics: Metrics, models: ModelRegistry) -> None:
     models.add_state_listener(on_state)
     models.add_result_listener(on_result)
     metrics.bind_queue(lambda: _queue(models, "queue_depth"), lambda: _queue(models, "queued_tokens"))
+    metrics.bind_cache(lambda: _cache_stats(models))
 
 
 def _model_state(metrics: Metrics, core: EmbeddingCore) -> Callable[[CoreState], None]:
@@ -69,3 +71,16 @@ def _queue(models: ModelRegistry, attribute: str) -> float:
         except Exception:
             continue
     return total
+
+
+def _cache_stats(models: ModelRegistry) -> CacheStats:
+    """The result caches of all models, summed (each model has its own, keyed by its bundle)."""
+    stats = [core.cache_stats() for core in models.cores]
+    return CacheStats(
+        hits=sum(s.hits for s in stats),
+        misses=sum(s.misses for s in stats),
+        evictions=sum(s.evictions for s in stats),
+        bytes=sum(s.bytes for s in stats),
+        entries=sum(s.entries for s in stats),
+        capacity_bytes=sum(s.capacity_bytes for s in stats),
+    )

@@ -30,6 +30,7 @@ from service.errors import Unauthenticated, describe
 from service.http_body import BodyRefused, read_json, request_deadline
 from service.http_logs import quiet_parser_refusals
 from service.http_quota import call_limited
+from service.http_rerank import parse_rerank_request, rerank_response
 from service.http_schema import (
     embeddings_response,
     error_body,
@@ -38,6 +39,7 @@ from service.http_schema import (
 )
 from service.logs import is_safe_request_id, log_request, new_request_id
 from service.metrics import Metrics
+from service.rerank import rerank as rank_documents
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ RETRY_AFTER_S = {429: "1", 503: "5"}
 _ROUTE_NAMES = {
     "/v1/embeddings": "embeddings",
     "/v1/models": "models",
+    "/v1/rerank": "rerank",
+    "/v2/rerank": "rerank",
     "/health": "health",
     "/metrics": "metrics",
 }
@@ -251,6 +255,24 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return web.Response(text=text, content_type="application/json")
 
 
+async def rerank(request: web.Request) -> web.StreamResponse:
+    """Cohere / Jina-style rerank (service/http_rerank.py), through the same core as embeddings."""
+    core = request.app[CORE_KEY]
+    seen = request[SEEN_KEY]
+    config = request.app[CONFIG_KEY]
+    deadline = request_deadline(request, seen.arrived)
+    body = await read_json(request, config.max_body_bytes, config.options.body_timeout_s)
+    parsed = parse_rerank_request(body, seen.request_id, deadline)
+    seen.inputs = len(parsed.job.documents) + 1
+    info = core.model_info(parsed.model)  # an unknown name: ModelNotFound, 404
+    result = await rank_documents(core, replace(parsed.job, model=info.model))
+    seen.tokens = result.usage.input_tokens
+    answer = rerank_response(
+        result, parsed.job.documents, return_documents=parsed.return_documents, model=info.model
+    )
+    return web.json_response(answer)
+
+
 async def list_models(request: web.Request) -> web.StreamResponse:
     created = request.app[CONFIG_KEY].created
     cards = [model_card(info, created) for info in request.app[CORE_KEY].model_infos()]
@@ -290,6 +312,8 @@ def build_app(
     app[KEYS_KEY] = keys
     app[CONFIG_KEY] = HttpConfig(max_body_bytes, int(time.time()), options or HttpOptions())
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/rerank", rerank)
+    app.router.add_post("/v2/rerank", rerank)  # where Cohere's ClientV2 posts; the same shape
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_get("/health", health)

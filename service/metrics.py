@@ -11,12 +11,15 @@ depth is read at scrape time from a callable, so the hot path pays nothing for i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from service.cache import CacheStats
 from service.watchdog import Stall
 
 Api = Literal["grpc", "http"]
@@ -196,6 +199,43 @@ class Metrics:
         self.model_requests.labels(model=model).inc()
         self.model_input_tokens.labels(model=model).inc(tokens)
 
+    def bind_cache(self, stats: Callable[[], CacheStats]) -> None:
+        """Result cache hits, misses, evictions and size, read from the cache at scrape time."""
+        self.registry.register(_CacheCollector(stats))
+
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type, for any HTTP front end."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CacheCollector(Collector):
+    """Reads the cache's own counters when scraped, so a hit costs no metrics call."""
+
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # names are known only at collect time; nothing to check against
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        for name, value, text in (
+            ("embed_cache_hits", s.hits, "Inputs answered from the result cache."),
+            ("embed_cache_misses", s.misses, "Inputs the result cache did not hold (sent to the batcher)."),
+            (
+                "embed_cache_evictions",
+                s.evictions,
+                "Result cache entries evicted to stay within cache_bytes.",
+            ),
+        ):
+            counter = CounterMetricFamily(name, text)
+            counter.add_metric([], value)
+            yield counter
+        for name, value, text in (
+            ("embed_cache_bytes", s.bytes, "Bytes held by the result cache (vectors, keys, overhead)."),
+            ("embed_cache_entries", s.entries, "Vectors held by the result cache."),
+            ("embed_cache_capacity_bytes", s.capacity_bytes, "The result cache's bound (cache_bytes)."),
+        ):
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], value)
+            yield gauge

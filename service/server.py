@@ -36,10 +36,10 @@ from service.edge import Edge
 from service.errors import StartupError
 from service.grpc_decode import RECEIVE_HEADROOM, RequestBytesInterceptor
 from service.grpc_observe import GrpcObserveInterceptor
+from service.grpc_rerank import RerankingServicer
 from service.models import ModelRegistry
 from service.pb.embedding.v1 import embedding_pb2 as pb
 from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
-from service.servicer import EmbeddingServicer
 from service.settings import Settings
 from service.tls import TlsConfigError
 
@@ -142,7 +142,7 @@ def build_server(
     chain.insert(at, RequestBytesInterceptor(limit))
     server = grpc.aio.server(interceptors=chain, options=_server_options(settings))
     models = ModelRegistry.of(settings, core)
-    pb_grpc.add_EmbeddingServiceServicer_to_server(EmbeddingServicer(models, limit), server)
+    pb_grpc.add_EmbeddingServiceServicer_to_server(RerankingServicer(models, limit), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     models.add_state_listener(_HealthBridge(health))

@@ -71,7 +71,7 @@ TASK_MAX_CHARS = 128
 INSTRUCTION_MAX_CHARS = 8192
 
 
-def check_text_fields(request: pb.EmbedRequest | pb.TokenizeRequest) -> None:
+def check_text_fields(request: pb.EmbedRequest | pb.TokenizeRequest | pb.RerankRequest) -> None:
     """Refuse an unsafe ``request_id`` or an oversized ``task``/``instruction`` (never echoing them)."""
     rid = request.request_id
     if rid and not is_safe_request_id(rid):
@@ -100,7 +100,9 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + float(remaining)
 
 
-def request_id_for(request: pb.EmbedRequest | pb.TokenizeRequest, index: int | None = None) -> str:
+def request_id_for(
+    request: pb.EmbedRequest | pb.TokenizeRequest | pb.RerankRequest, index: int | None = None
+) -> str:
     """The client's id, else the call's (chosen at the edge); stream message ``i`` gets ``<call>.<i>``."""
     if request.request_id:
         return request.request_id

@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     max_queue_tokens: int = Field(
         default=262144, ge=1, description="Queued tokens beyond which requests get RESOURCE_EXHAUSTED."
     )
+    cache_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="Result cache (LRU of vectors by exact model input ids) size in bytes; 0 disables it.",
+    )
 
     # --- runtime -----------------------------------------------------------------------------
     provider: Provider = Field(

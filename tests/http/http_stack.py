@@ -75,6 +75,9 @@ async def start_stack(settings: Settings, *, warm: bool = True) -> Stack:
 
 
 def stack_settings(bundle: Path, keys_file: Path | None = None, **overrides: Any) -> Settings:
+    """Result cache off unless asked for: these tests count batches and overload the queue with
+    repeated inputs, which cache hits would answer without the model."""
+    values: dict[str, Any] = {"cache_bytes": 0, **overrides}
     return Settings(
         model_dir=bundle,
         port=0,
@@ -82,5 +85,5 @@ def stack_settings(bundle: Path, keys_file: Path | None = None, **overrides: Any
         api_keys_file=keys_file,
         grace_period_s=1.0,
         max_batch_wait_ms=1.0,
-        **overrides,
+        **values,
     )

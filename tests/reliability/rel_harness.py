@@ -51,6 +51,9 @@ def settings_for(bundle: Path, **overrides: Any) -> Settings:
         "http_port": 0,
         "intra_op_threads": 1,
         "inter_op_threads": 1,
+        # These tests measure the model path (limits, overload, watchdog, determinism) and repeat
+        # their inputs: a result-cache hit would answer without it. Cache tests turn it on.
+        "cache_bytes": 0,
     }
     values.update(overrides)
     return Settings(**values)

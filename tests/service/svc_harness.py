@@ -25,7 +25,15 @@ from service.settings import Settings
 
 
 def settings_for(bundle: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"model_dir": bundle, "host": "127.0.0.1", "port": 0, "intra_op_threads": 1}
+    # cache_bytes 0: these tests measure the batcher and runtime and repeat their inputs (the toy
+    # vocabulary even reads different words as the same [UNK] ids); cache tests turn it on.
+    values: dict[str, Any] = {
+        "model_dir": bundle,
+        "host": "127.0.0.1",
+        "port": 0,
+        "intra_op_threads": 1,
+        "cache_bytes": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -72,6 +72,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/Rerank',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -127,6 +132,13 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +166,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +320,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/ListModels',
             embedding_dot_v1_dot_embedding__pb2.ListModelsRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/Rerank',
+            embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,8 @@ class EmbeddingServiceStub:
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]
     """Every served model (the default first) and the aliases that point at them."""
+    Rerank: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]
+    """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -95,6 +97,8 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """Model, bundle, limits, execution providers in use and the start-up self-test result."""
     ListModels: _aio.UnaryUnaryMultiCallable[_embedding_pb2.ListModelsRequest, _embedding_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Every served model (the default first) and the aliases that point at them."""
+    Rerank: _aio.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]  # type: ignore[assignment]
+    """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Embeds texts with the model bundles the server was started on. Requests name one in `model`;
@@ -154,5 +158,13 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.ListModelsResponse, _abc.Awaitable[_embedding_pb2.ListModelsResponse]]:
         """Every served model (the default first) and the aliases that point at them."""
+
+    @_abc_1.abstractmethod
+    def Rerank(
+        self,
+        request: _embedding_pb2.RerankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.RerankResponse, _abc.Awaitable[_embedding_pb2.RerankResponse]]:
+        """Orders documents by the cosine of each to the query (see RerankRequest). Same errors as Embed."""
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
