@@ -31,7 +31,8 @@ def test_committed_code_matches_proto(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_public_names_are_stable() -> None:
     service = pb.DESCRIPTOR.services_by_name["EmbeddingService"]
     assert service.full_name == "embedding.v1.EmbeddingService"
-    assert {"Embed", "EmbedStream", "Tokenize", "GetModelInfo", "ListModels", "Rerank"} <= set(service.methods_by_name)
+    stable = {"Embed", "EmbedStream", "Tokenize", "GetModelInfo", "ListModels", "Rerank"}
+    assert stable <= set(service.methods_by_name)
     stream = service.methods_by_name["EmbedStream"]
     assert stream.client_streaming and stream.server_streaming
     fields = set(pb.EmbedRequest.DESCRIPTOR.fields_by_name)
