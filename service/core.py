@@ -18,8 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from bundle.manifest import BundleError
 from service.batcher import Batcher, BatchObserver
@@ -32,7 +30,6 @@ from service.domain import (
     ModelInfo,
     SelfTestResult,
     Timings,
-    Tokenized,
     TokenizeJob,
     TokenizeResult,
     Usage,
@@ -52,7 +49,7 @@ from service.loader import LoadedModel, RuntimeFactory, describe_exception, load
 from service.logs import new_request_id
 from service.quotas import charge_tokens
 from service.settings import Settings
-from service.tokenizer import TextTokenizer
+from service.tokenize_lanes import TokenizeLanes
 from service.trace_hooks import record_embed
 from service.watchdog import Stall, Watchdog
 
@@ -61,26 +58,7 @@ log = logging.getLogger("service.core")
 StateListener = Callable[[CoreState], None]
 # The watchdog's verdict changed: a Stall (kind, reason), or None when the runtime recovered.
 StallObserver = Callable[[Stall | None], None]
-# Tokenisation jobs up to this many characters (or token ids) take the small-job lane.
-SMALL_JOB_CHARS = 16_384
-# Bigger text jobs are tokenised in chunks of about this many characters, one chunk of each job
-# in the big-job lane's queue at a time: jobs take turns instead of waiting for whole requests.
-CHUNK_CHARS = 65_536
 ResultListener = Callable[[EmbedResult], None]
-
-
-def chunks(texts: tuple[str, ...], limit: int = CHUNK_CHARS) -> list[tuple[int, tuple[str, ...]]]:
-    """Consecutive runs of ``texts`` of about ``limit`` characters: (index of the first, texts)."""
-    out: list[tuple[int, tuple[str, ...]]] = []
-    start, size = 0, 0
-    for index, text in enumerate(texts):
-        if index > start and size + len(text) > limit:
-            out.append((start, texts[start:index]))
-            start, size = index, 0
-        size += len(text)
-    if start < len(texts):
-        out.append((start, texts[start:]))
-    return out
 
 
 __all__ = ["EmbeddingCore", "RuntimeFactory", "StateListener", "ort_runtime"]
@@ -108,11 +86,7 @@ class EmbeddingCore:
         self._active = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
-        # Tokenisation threads: encode_batch is Rust and releases the GIL. Two lanes, so a one-word
-        # request never waits behind requests of megabytes of text: jobs up to SMALL_JOB_CHARS
-        # have a thread of their own; bigger ones share two.
-        self._tok_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="embed-tokenize")
-        self._tok_small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-tokenize-small")
+        self._lanes = TokenizeLanes()  # a one-word request never waits behind megabytes of text
         self._model: LoadedModel | None = None
         self._batcher: Batcher | None = None
         self._cache = VectorCache(settings.cache_bytes)
@@ -210,8 +184,7 @@ class EmbeddingCore:
             await self._watchdog.stop()
         if self._batcher is not None:
             await self._batcher.close()
-        self._tok_pool.shutdown(wait=False, cancel_futures=True)
-        self._tok_small.shutdown(wait=False, cancel_futures=True)
+        self._lanes.shutdown()
 
     # --- requests ------------------------------------------------------------------------------
     def _admit(self) -> tuple[LoadedModel, Batcher]:
@@ -254,28 +227,6 @@ class EmbeddingCore:
             if not ids:
                 raise InvalidInput(f"token input {index} is empty", field=f"token_inputs[{index}]")
 
-    async def _tokenize(self, job: EmbedJob | TokenizeJob, tokenizer: TextTokenizer) -> list[Tokenized]:
-        loop = asyncio.get_running_loop()
-        if isinstance(job, EmbedJob) and job.token_ids:
-            if job.task or job.instruction:
-                raise InvalidInput("instructions apply to text inputs only, not token ids", field="task")
-            small = sum(len(ids) for ids in job.token_ids) <= SMALL_JOB_CHARS
-            call = partial(tokenizer.encode_ids, job.token_ids, truncation=job.truncation)
-            return await loop.run_in_executor(self._tok_small if small else self._tok_pool, call)
-        encode = partial(
-            tokenizer.encode_texts,
-            input_type=job.input_type,
-            task=job.task,
-            instruction=job.instruction,
-            truncation=job.truncation,
-        )
-        if sum(len(text) for text in job.texts) + len(job.instruction or "") <= SMALL_JOB_CHARS:
-            return await loop.run_in_executor(self._tok_small, partial(encode, job.texts))
-        out: list[Tokenized] = []
-        for first, part in chunks(job.texts):  # one chunk queued per job: jobs take turns
-            out += await loop.run_in_executor(self._tok_pool, partial(encode, part, first_index=first))
-        return out
-
     async def embed(self, job: EmbedJob) -> EmbedResult:
         """Validate, tokenise (thread), batch, run (worker thread), post-process.
 
@@ -304,7 +255,7 @@ class EmbeddingCore:
             raise DeadlineExceeded("the deadline passed before the request started")
         self._begin()
         try:
-            tokenized = await self._tokenize(job, tokenizer)
+            tokenized = await self._lanes.run(job, tokenizer)
             tokenize_ms = (time.perf_counter() - started) * 1000.0
             charge_tokens(sum(t.token_count for t in tokenized))  # per-key tokens/minute, before batching
             out = await submit_cached(
@@ -339,7 +290,7 @@ class EmbeddingCore:
         model, _ = self._admit()
         tokenizer = model.tokenizer
         self._check_count(len(job.texts), job.texts, ())
-        tokenized = await self._tokenize(job, tokenizer)
+        tokenized = await self._lanes.run(job, tokenizer)
         tokens = tuple(tokenizer.tokens(t.ids) for t in tokenized) if job.return_tokens else ()
         return TokenizeResult(tuple(tokenized), tokens, self.model_name, job.request_id or new_request_id())
 

@@ -19,9 +19,10 @@ import pytest
 from rel_harness import live_server
 from rel_toy import MAX_TOKENS
 
-from service.core import SMALL_JOB_CHARS, EmbeddingCore, chunks
+from service.core import EmbeddingCore
 from service.domain import EmbedJob
 from service.errors import InputTooLong
+from service.tokenize_lanes import SMALL_JOB_CHARS, chunks
 from service.tokenizer import PRECHECK_CHARS_PER_TOKEN, TextTokenizer
 
 GUARD_S = 30.0
@@ -143,7 +144,7 @@ async def test_big_jobs_take_turns_with_each_other(rel_toy_bundle: Path) -> None
             assert loop.time() < end, "the big jobs never reached the tokenizer"
             await asyncio.sleep(0.01)
         medium = job("w402", 3)  # 24k characters: the big-job lane
-        pool = live.core._tok_pool
+        pool = live.core._lanes.big
         while pool._work_queue.qsize() < 1:  # type: ignore[attr-defined]
             assert loop.time() < end, "the medium job was never queued"
             await asyncio.sleep(0.01)
