@@ -8,14 +8,12 @@ loop in a thread so that synchronous code (hypothesis properties) can call it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,6 +23,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_thread import ServerThread
 
 from service.core import EmbeddingCore
 from service.edge import Edge
@@ -142,44 +141,13 @@ def stubs(channel: grpc.aio.Channel | grpc.Channel) -> tuple[pb_grpc.EmbeddingSe
     return pb_grpc.EmbeddingServiceStub(channel), health_pb2_grpc.HealthStub(channel)
 
 
-class ThreadedServer:
+class ThreadedServer(ServerThread[Live]):
     """A :func:`live_server` on a private event loop in a daemon thread (for sync tests)."""
 
     def __init__(self, bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> None:
-        self._args = (bundle, runtime, overrides)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self.live: Live | None = None
-        self._thread = threading.Thread(target=self._main, name="rel-server", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        bundle, runtime, overrides = self._args
-        self._stop = asyncio.Event()
-        try:
-            async with live_server(bundle, runtime, **overrides) as live:
-                self.live = live
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    def __enter__(self) -> Live:
-        self._thread.start()
-        if not self._ready.wait(60) or self.live is None:
-            raise RuntimeError(f"in-process server did not start: {self._error!r}")
-        return self.live
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        super().__init__(
+            lambda: live_server(bundle, runtime, **overrides), name="rel-server", start_timeout_s=60
+        )
 
 
 # --- embed-serve as a subprocess ------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +12,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
+from server_thread import ServerThread
 
 from bundle.manifest import Manifest
 from service.core import EmbeddingCore, ort_runtime
@@ -105,41 +105,10 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0) -> No
         await asyncio.sleep(0.005)
 
 
-class ThreadedServing:
+class ThreadedServing(ServerThread[Harness]):
     """:func:`serving` on a private event loop in a daemon thread, for synchronous callers."""
 
     def __init__(self, bundle: Path, runtime: Runtime | None = None, **overrides: Any) -> None:
-        self._args = (bundle, runtime, overrides)
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self.harness: Harness | None = None
-        self._thread = threading.Thread(target=self._main, name="svc-server", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        bundle, runtime, overrides = self._args
-        self._stop = asyncio.Event()
-        try:
-            async with serving(bundle, runtime, **overrides) as h:
-                self.harness = h
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    def __enter__(self) -> Harness:
-        self._thread.start()
-        if not self._ready.wait(120) or self.harness is None:
-            raise RuntimeError(f"in-process server did not start: {self._error!r}")
-        return self.harness
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        super().__init__(
+            lambda: serving(bundle, runtime, **overrides), name="svc-server", start_timeout_s=120
+        )
