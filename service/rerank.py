@@ -115,7 +115,8 @@ async def rerank(core: Embedder, job: RerankJob) -> RerankResult:
         for task in tasks:  # one failed: the other's queued inputs are dropped, not computed
             task.cancel()
     # Both are L2-normalised float32 (normalize defaults to true): the dot product is the cosine.
-    scores = docs.vectors @ query.vectors[0]
+    # Rounding can put the dot product of two unit vectors a few ulps past ±1; scores promise [-1, 1].
+    scores = np.clip(docs.vectors @ query.vectors[0], -1.0, 1.0)
     order = np.argsort(-scores, kind="stable")
     if job.top_n is not None:
         order = order[: job.top_n]

@@ -243,6 +243,28 @@ async def test_grpc_refusals(stack: Stack, fields: dict[str, Any], says: str) ->
     assert says in (caught.value.details() or "")
 
 
+async def test_scores_stay_cosines_when_rounding_passes_one() -> None:
+    """float32 unit vectors can dot to a few ulps past ±1 (all-MiniLM: 1.0000004 for a text against
+    itself); a relevance score is a cosine and stays in [-1, 1]."""
+    from service.domain import EmbedJob, EmbedResult, Timings, Usage
+    from service.rerank import RerankJob, rerank
+
+    unit = np.full((1, 4), 0.5000001, dtype=np.float32)  # norm 1.0000002: dot with itself > 1
+
+    class Echo:
+        async def embed(self, job: EmbedJob) -> EmbedResult:
+            vectors = np.repeat(unit, len(job.texts), axis=0) * (
+                1 if job.input_type == "query" else [[1], [-1]]
+            )
+            return EmbedResult(
+                vectors.astype(np.float32), (), Usage(input_tokens=1, truncated_inputs=0), Timings(0, 0, 0, 0), "m", "r"
+            )
+
+    assert float(unit[0] @ unit[0]) > 1.0
+    result = await rerank(Echo(), RerankJob(query="q", documents=("same", "opposite")))
+    assert [r.score for r in result.ranked] == [1.0, -1.0]
+
+
 async def test_grpc_rerank_unknown_model_is_not_found(stack: Stack) -> None:
     """The same model lookup as Embed: NOT_FOUND, naming the models this server does serve."""
     async with stack.channel() as channel:
