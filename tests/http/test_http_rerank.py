@@ -257,7 +257,12 @@ async def test_scores_stay_cosines_when_rounding_passes_one() -> None:
                 1 if job.input_type == "query" else [[1], [-1]]
             )
             return EmbedResult(
-                vectors.astype(np.float32), (), Usage(input_tokens=1, truncated_inputs=0), Timings(0, 0, 0, 0), "m", "r"
+                vectors.astype(np.float32),
+                (),
+                Usage(input_tokens=1, truncated_inputs=0),
+                Timings(0, 0, 0, 0),
+                "m",
+                "r",
             )
 
     assert float(unit[0] @ unit[0]) > 1.0
