@@ -250,7 +250,7 @@ sys.meta_path.insert(0, _NoOtel())
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EMBED_", "OTEL_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "reliability")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "reliability")])
     return subprocess.run(
         [sys.executable, "-c", BLOCK_OTEL + code], capture_output=True, text=True, env=env, timeout=120
     )
