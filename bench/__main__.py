@@ -7,6 +7,7 @@ Scenarios (default: all, in this order; the heavy ones last):
   coldstart   process start to SERVING per precision                          (issue 6 §7)
   service     service vs raw session                                          (issue 6 §2)
   batching    1/8/32 concurrent clients vs sequential, p50/p95/p99            (issue 6 §3)
+  efficiency  tokens per server CPU-second at 1 vs 16 clients, vs raw session (issue 11 §4)
   cache       result cache on vs off, Zipf (s=1.1) query stream, interleaved  (issue 14 §3)
   raw         PyTorch eager vs ORT fp32/fused/chunked/fp16/int8 variants      (issue 6 §1)
   long        peak RSS + latency at 1k…32k tokens, fused vs chunked           (issue 8)
@@ -41,6 +42,7 @@ def _scenarios() -> dict[str, Runner]:
     from bench import (
         cache_bench,
         client_bench,
+        efficiency,
         fuzz_grpc,
         fuzz_http,
         long_input,
@@ -63,6 +65,7 @@ def _scenarios() -> dict[str, Runner]:
         "coldstart": service_load.run_coldstart,
         "service": service_load.run_service_vs_raw,
         "batching": service_load.run_batching,
+        "efficiency": efficiency.run,
         "cache": cache_bench.run,
         "raw": models_arg(raw_model.run, None),
         "long": models_arg(long_input.run, None),

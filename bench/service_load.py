@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,13 @@ def _free_port() -> int:
 def server(bundle_dir: Path, **env: str) -> Iterator[tuple[int, float]]:
     """Start ``python -m service`` on a free port (result cache off unless ``env`` says otherwise);
     yield (port, seconds from spawn to SERVING)."""
+    with server_process(bundle_dir, **env) as (port, took, _):
+        yield port, took
+
+
+@contextmanager
+def server_process(bundle_dir: Path, **env: str) -> Iterator[tuple[int, float, subprocess.Popen[str]]]:
+    """:func:`server`, also yielding the process (its pid, for ``/proc`` CPU accounting)."""
     port = _free_port()
     environ = {
         **os.environ,
@@ -73,7 +80,7 @@ def server(bundle_dir: Path, **env: str) -> Iterator[tuple[int, float]]:
     )
     try:
         took = _wait_serving(port, proc, started)
-        yield port, took
+        yield port, took, proc
     finally:
         proc.terminate()
         try:
@@ -109,9 +116,18 @@ def _request(inputs: list[str]) -> Any:
 
 
 async def closed_loop(
-    port: int, payloads: list[list[str]], clients: int
+    port: int,
+    payloads: list[list[str]],
+    clients: int,
+    *,
+    on_start: Callable[[], object] | None = None,
+    on_end: Callable[[], object] | None = None,
 ) -> tuple[float, list[float], Counter[str]]:
-    """``clients`` concurrent callers share ``payloads``; returns (wall s, latencies s, status counts)."""
+    """``clients`` concurrent callers share ``payloads``; returns (wall s, latencies s, status counts).
+
+    ``on_start`` / ``on_end`` are called right before the first and right after the last timed
+    request (after the warm-up call, before the channel closes): the window a caller may meter.
+    """
     import grpc
 
     from service.pb.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -134,9 +150,14 @@ async def closed_loop(
                     codes[exc.code().name] += 1
                 latencies.append(time.perf_counter() - start)
 
+        if on_start is not None:
+            on_start()
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
-        return time.perf_counter() - start, latencies, codes
+        wall = time.perf_counter() - start
+        if on_end is not None:
+            on_end()
+        return wall, latencies, codes
 
 
 LoadRun = tuple[float, list[float], Counter[str]]
