@@ -14,6 +14,10 @@ length (:mod:`service.pending`), so forming a batch does not scan the backlog.
 * Inputs whose request was cancelled or whose deadline passed are dropped when the batch is
   formed *and again* in the worker right before the runtime call: expired work is never computed.
 * A failing runtime call fails only the requests that had inputs in that batch.
+* Work-conserving: when the runtime is idle, what is queued runs at once (a lone request never
+  waits for company that may not come). While a batch runs, the inputs that arrive gather into
+  the next batch for up to ``max_batch_wait_ms`` from the oldest one's arrival, or until the
+  runtime frees up, whichever is first: waiting then costs nothing, the runtime is busy anyway.
 * Pipelined: while batch N runs, batch N+1 is formed and waits in the worker's queue
   (two slots), so the runtime never idles on scheduling. One worker thread runs the runtime;
   the event loop only schedules.
@@ -94,7 +98,8 @@ class Batcher:
         self._batch_ids = itertools.count(1)
         self._in_flight = 0
         self._closing = False
-        self._arrived = asyncio.Event()
+        # Set on every arrival and whenever a batch finishes: what the scheduler's waits wake on.
+        self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._slots = asyncio.Semaphore(PIPELINE_SLOTS)
@@ -156,7 +161,7 @@ class Batcher:
             request.items.append(item)
             self._pending.add(item)
         self._idle.clear()
-        self._arrived.set()
+        self._wake.set()
         return await request.future
 
     async def drain(self) -> None:
@@ -182,9 +187,9 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._pending:
-                self._arrived.clear()
+                self._wake.clear()
                 self._check_idle()
-                await self._arrived.wait()
+                await self._wake.wait()
                 continue
             await self._slots.acquire()
             await self._wait_to_fill()
@@ -197,14 +202,22 @@ class Batcher:
             future.add_done_callback(functools.partial(self._finished, batch))
 
     async def _wait_to_fill(self) -> None:
-        """Wait up to max_batch_wait (from the oldest input's arrival) unless a batch is full."""
+        """Let the next batch gather company only while the runtime is busy (work-conserving).
+
+        An idle runtime takes what is queued at once. While one runs, wait until a batch is full,
+        the runtime frees up, or max_batch_wait has passed since the oldest input arrived.
+        """
         while (oldest := self._pending.oldest()) is not None and not self._full():
+            if self._in_flight == 0:
+                return
             left = oldest.request.admitted + self.max_wait_s - time.monotonic()
             if left <= 0:
                 return
-            self._arrived.clear()
+            self._wake.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), left)
+                # Not wait_for: on 3.11 it swallows a cancel (close()) that races the wake-up.
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
             except TimeoutError:
                 return
 
@@ -274,6 +287,7 @@ class Batcher:
     def _finished(self, batch: list[Item], future: asyncio.Future[Done]) -> None:
         self._slots.release()
         self._in_flight -= 1
+        self._wake.set()  # a batch gathering company may now run at once
         self._last_progress = time.monotonic()
         if future.cancelled():  # close() dropped a batch that was waiting for the worker
             for item in batch:

@@ -156,7 +156,9 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(default=64, ge=1, description="Max inputs in one batch.")
     max_batch_wait_ms: float = Field(
-        default=2.0, ge=0, description="How long the batcher waits to fill a batch once work is queued."
+        default=2.0,
+        ge=0,
+        description="While the runtime is busy, how long queued work waits for company (idle: runs at once).",
     )
     max_padding_ratio: float = Field(
         default=0.15,

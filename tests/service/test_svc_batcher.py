@@ -141,6 +141,37 @@ async def test_next_batch_is_formed_while_one_runs(fake_runtime: FakeRuntime) ->
     await batcher.close()
 
 
+# A batch wait far longer than any test runs: were it honoured, these tests would time out.
+LONG_WAIT_MS = 600_000.0
+
+
+async def test_idle_runtime_runs_a_lone_request_at_once(fake_runtime: FakeRuntime) -> None:
+    """Work-conserving: nothing is running, so waiting for company would only add latency."""
+    batcher = make(fake_runtime, max_batch_wait_ms=LONG_WAIT_MS)
+    out = await asyncio.wait_for(batcher.submit(seqs(4, 1)), timeout=30)
+    assert out.vectors.shape[0] == 1 and fake_runtime.calls == [(1, 4)]
+    await asyncio.wait_for(batcher.submit(seqs(4, 2)), timeout=30)  # idle again after a batch
+    assert fake_runtime.calls[1:] == [(2, 4)]
+    await batcher.close()
+
+
+async def test_work_gathers_while_the_runtime_is_busy_and_runs_when_it_frees(
+    fake_runtime: FakeRuntime,
+) -> None:
+    fake_runtime.gate = threading.Event()
+    batcher = make(fake_runtime, max_batch_wait_ms=LONG_WAIT_MS)
+    first = asyncio.ensure_future(batcher.submit(seqs(4, 1)))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
+    rest = [asyncio.ensure_future(batcher.submit(seqs(4, 1, first=i))) for i in range(3)]
+    await wait_until(lambda: batcher.queue_depth == 3)
+    await asyncio.sleep(0.1)
+    assert batcher.queue_depth == 3  # busy runtime: the next batch waits for company…
+    fake_runtime.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *rest), timeout=30)  # …only until it frees up
+    assert fake_runtime.calls == [(1, 4), (3, 4)]
+    await batcher.close()
+
+
 async def test_close_fails_waiting_work_instead_of_hanging(fake_runtime: FakeRuntime) -> None:
     fake_runtime.gate = threading.Event()
     batcher = make(fake_runtime, max_batch_wait_ms=0, max_batch_size=1)
@@ -191,11 +222,19 @@ async def test_pending_queue_order_and_lazy_removal() -> None:
 
 
 async def test_cancelled_request_frees_queue_space_at_once(fake_runtime: FakeRuntime) -> None:
-    batcher = make(fake_runtime, max_batch_wait_ms=10_000, max_batch_tokens=10_000, max_batch_size=10_000)
+    fake_runtime.gate = threading.Event()  # a busy runtime keeps the next request queued
+    batcher = make(
+        fake_runtime, max_batch_wait_ms=LONG_WAIT_MS, max_batch_tokens=10_000, max_batch_size=10_000
+    )
+    running = asyncio.ensure_future(batcher.submit(seqs(5, 1)))
+    await asyncio.to_thread(fake_runtime.started.wait, 5)
     waiting = asyncio.ensure_future(batcher.submit(seqs(5, 4)))
     await wait_until(lambda: batcher.queued_tokens == 20)
     waiting.cancel()
     await wait_until(lambda: batcher.queued_tokens == 0 and batcher.queue_depth == 0)
+    fake_runtime.gate.set()
+    await running
+    assert fake_runtime.calls == [(1, 5)]  # the cancelled request was never computed
     await batcher.close()
 
 

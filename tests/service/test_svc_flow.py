@@ -121,12 +121,19 @@ async def test_cancelled_work_is_never_computed(toy_bundle: Path, toy_table: np.
 
 
 async def test_overload_is_resource_exhausted(toy_bundle: Path, fake_runtime: FakeRuntime) -> None:
-    # A long batch wait keeps admitted work queued, so the queue's token count is deterministic.
-    async with serving(toy_bundle, fake_runtime, max_batch_wait_ms=400, max_queue_tokens=12) as h:
+    # A busy runtime and a long batch wait keep admitted work queued, so the queue's token count is
+    # deterministic (an idle runtime would take it at once).
+    async with serving(toy_bundle, fake_runtime, max_batch_wait_ms=600_000, max_queue_tokens=12) as h:
+        fake_runtime.gate = threading.Event()  # after start-up's warm-up and self-test calls
+        fake_runtime.started.clear()
+        running = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["busy"])))
+        await asyncio.to_thread(fake_runtime.started.wait, 5)
         queued = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["a b c d e f g h"])))  # 10 tokens
         await wait_for(lambda: h.core.batcher.queued_tokens == 10)
         code, details, _ = await code_of(h.stub.Embed(pb.EmbedRequest(inputs=["one two three"])))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in details
+        fake_runtime.gate.set()
+        assert len((await running).embeddings) == 1
         assert len((await queued).embeddings) == 1
         ok = await h.stub.Embed(pb.EmbedRequest(inputs=["one two three"]))  # room again
     assert len(ok.embeddings) == 1
