@@ -121,3 +121,12 @@ async def test_ort_runtime_and_io_binding_path(toy_bundle: Path, toy_table: np.n
     bound, bound_norms = runtime.run(ids, mask)
     np.testing.assert_allclose(bound, vectors, atol=1e-7)
     assert bound_norms.shape == (2,)
+
+
+async def test_ort_threads_do_not_spin_between_runs(toy_bundle: Path) -> None:
+    """A spinning pool burns the cores the event loop and the tokeniser share with it."""
+    manifest = load_manifest(toy_bundle)
+    runtime = OrtRuntime(settings_for(toy_bundle), manifest, toy_bundle, max_input_tokens=32)
+    options = runtime._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
