@@ -4,6 +4,10 @@
 ``SMALL_JOB_CHARS`` characters (or token ids) have a thread of their own; bigger jobs share two and
 are fed in chunks of about ``CHUNK_CHARS`` characters, one chunk of each job queued at a time, so big
 jobs take turns instead of waiting for whole requests ahead of them.
+
+Jobs up to ``INLINE_CHARS`` (a search query, a sentence) are tokenised right on the event loop: that
+takes tens of microseconds, less than the hop to a thread and back (a queue, two wake-ups and the
+loop's self-pipe: ~0.1 ms of CPU, measured), and such a job never waits behind another either.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from service.domain import EmbedJob, Tokenized, TokenizeJob
 from service.errors import InvalidInput
 from service.tokenizer import TextTokenizer
 
+INLINE_CHARS = 512
 SMALL_JOB_CHARS = 16_384
 CHUNK_CHARS = 65_536
 
@@ -46,9 +51,11 @@ class TokenizeLanes:
         if isinstance(job, EmbedJob) and job.token_ids:
             if job.task or job.instruction:
                 raise InvalidInput("instructions apply to text inputs only, not token ids", field="task")
-            small = sum(len(ids) for ids in job.token_ids) <= SMALL_JOB_CHARS
+            size = sum(len(ids) for ids in job.token_ids)
             call = partial(tokenizer.encode_ids, job.token_ids, truncation=job.truncation)
-            return await loop.run_in_executor(self.small if small else self.big, call)
+            if size <= INLINE_CHARS:
+                return call()
+            return await loop.run_in_executor(self.small if size <= SMALL_JOB_CHARS else self.big, call)
         encode = partial(
             tokenizer.encode_texts,
             input_type=job.input_type,
@@ -56,7 +63,10 @@ class TokenizeLanes:
             instruction=job.instruction,
             truncation=job.truncation,
         )
-        if sum(len(text) for text in job.texts) + len(job.instruction or "") <= SMALL_JOB_CHARS:
+        size = sum(len(text) for text in job.texts) + len(job.instruction or "")
+        if size <= INLINE_CHARS:
+            return encode(job.texts)
+        if size <= SMALL_JOB_CHARS:
             return await loop.run_in_executor(self.small, partial(encode, job.texts))
         out: list[Tokenized] = []
         for first, part in chunks(job.texts):  # one chunk queued per job: jobs take turns

@@ -22,7 +22,7 @@ from rel_toy import MAX_TOKENS
 from service.core import EmbeddingCore
 from service.domain import EmbedJob
 from service.errors import InputTooLong
-from service.tokenize_lanes import SMALL_JOB_CHARS, chunks
+from service.tokenize_lanes import INLINE_CHARS, SMALL_JOB_CHARS, chunks
 from service.tokenizer import PRECHECK_CHARS_PER_TOKEN, TextTokenizer
 
 GUARD_S = 30.0
@@ -42,6 +42,7 @@ class SpyTokenizer:
         self.gate = threading.Event()
         self.held = 0
         self.calls: list[str] = []  # first word of each call's first text, in call order
+        self.threads: list[threading.Thread] = []  # the thread of each call, in call order
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool) -> Any:
         size = sum(len(t) for t in texts)
@@ -49,6 +50,7 @@ class SpyTokenizer:
         with self.lock:
             self.encoded_chars += size
             self.calls.append(tag)
+            self.threads.append(threading.current_thread())
             first = tag in self.hold_first_of
             self.hold_first_of.discard(tag)
         if first or (self.hold_above is not None and size > self.hold_above):
@@ -96,6 +98,20 @@ async def test_over_limit_inputs_are_refused_without_tokenising_them_whole(rel_t
             await live.core.embed(EmbedJob(texts=tuple(texts), truncation="none"))
         assert err.value.field == "inputs[27]", err.value.message
         assert len(chunks(tuple(texts))) > 3
+
+
+@pytest.mark.asyncio
+async def test_a_query_is_tokenised_on_the_loop_and_a_bigger_job_in_a_lane(rel_toy_bundle: Path) -> None:
+    """A query costs less to tokenise than the hop to a thread and back; a bigger job still hops."""
+    async with live_server(rel_toy_bundle) as live:
+        spy = spy_on(live.core)
+        await live.core.embed(EmbedJob(texts=("w1 w2 w3",)))
+        bigger = " ".join(["w4"] * (INLINE_CHARS // 2))
+        assert len(bigger) > INLINE_CHARS
+        await live.core.embed(EmbedJob(texts=(bigger,), truncation="end"))
+        assert spy.calls == ["w1", "w4"]
+        assert spy.threads[0] is threading.current_thread()  # the event loop's thread
+        assert spy.threads[1] is not threading.current_thread()
 
 
 @pytest.mark.asyncio
