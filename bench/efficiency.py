@@ -12,8 +12,9 @@ Each round, interleaved: the raw ORT session's single-query series (the bundle's
 pre-tokenised ids in this process, 2 threads: the floor the server works above), then for each
 server variant one closed-loop client, then 16 (``service_load.closed_loop``, one text per request,
 real short queries from ``bench.peers_corpus``). The server variants are ``python -m service``
-processes started once and left idle while the others run: the defaults, and ``max_batch_wait_ms=0``
-(does waiting for company still buy anything now that an idle runtime starts at once?).
+processes started once and left idle while the others run: the defaults, ``max_batch_wait_ms=0`` and
+``max_batch_wait_ms=20`` (does waiting for company while the runtime is busy buy anything, now that
+an idle runtime starts at once? 20 ms outlasts a batch here, so that batch gathers until it frees).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CLIENTS = 16
 VARIANTS: dict[str, dict[str, str]] = {
     "defaults (max_batch_wait_ms 2)": {},
     "max_batch_wait_ms 0": {"EMBED_MAX_BATCH_WAIT_MS": "0"},
+    "max_batch_wait_ms 20": {"EMBED_MAX_BATCH_WAIT_MS": "20"},
 }
 
 
