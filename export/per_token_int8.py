@@ -13,12 +13,13 @@ maxima ``a_j`` of the input measured on calibration text, ``x·W = (x / f)·(f W
 ``f_j = sqrt(a_j / max_i |W_ji|)`` moves the outliers into the weights, where per-channel weight
 scales absorb them (min cosine 0.9965 on real text). ``f`` is a constant: still batch invariant.
 
-Per input ``x`` shared by one or more MatMuls with a constant 2-D weight ``W [K, N]`` (q/k/v share
-one quantised copy of ``x``), on the rows ``x2 = Reshape(x / f, [-1, K])``:
-``s = max(ReduceMax(x2), −ReduceMin(x2), ε) / 127`` (shape ``[R, 1]``);
-``xq = QuantizeLinear(x2, s, 128)`` per axis 0 (one scale per row, round half to even, uint8);
-per MatMul ``y = Reshape(MatMulIntegerToFloat(xq, Wq, s, w_scale, 128, 0), [..., N])``
-(com.microsoft; an ``[R, 1]`` A-scale multiplies each output row inside the kernel).
+Per input ``x [..., K]`` shared by one or more MatMuls with a constant 2-D weight ``W [K, N]`` (q/k/v
+share one quantised copy of ``x``), with ``x' = x / f``:
+``s = max(ReduceMax(x'), −ReduceMin(x'), ε) / 127`` (shape ``[..., 1]``);
+``xq = Reshape(QuantizeLinear(Reshape(x', [-1, K]), Reshape(s, [-1]), 128), shape(x'))`` per axis 0
+(one scale per row, round half to even, uint8); per MatMul
+``y = MatMulIntegerToFloat(xq, Wq, s, w_scale, 128, 0)`` (com.microsoft; the ``[..., 1]`` A-scale
+multiplies each output row inside the kernel).
 
 **Why this spelling (measured, ORT 1.32, 2 Zen 4 cores).** The first version spelled the same
 arithmetic as ``Abs, ReduceMax, Max, Mul, Div, Round, Add, Cast`` and a ``Mul`` by the row scale
@@ -27,7 +28,8 @@ MiniLM's time. ``ReduceMax``/``ReduceMin`` read ``x`` without writing an ``Abs``
 ``QuantizeLinear`` replaces ``Div/Round/Add/Cast``, and the row scale rides in the GEMM call:
 the quantise + GEMM block is 10–25 % faster and bit-identical. Per-axis ``QuantizeLinear`` on the
 2-D view (opset 13) rather than blocked quantisation on ``[B, S, K]`` (opset 21) keeps the
-exporter's opset, at the same speed.
+exporter's opset, at the same speed. The views are Reshapes (aliases) per input, not per MatMul:
+fewer nodes made one MiniLM query 5–7 % faster than shaping each product back.
 """
 
 from __future__ import annotations
@@ -55,9 +57,8 @@ SMOOTH_ALPHA = 0.5
 
 @dataclass(frozen=True)
 class _Quantized:
-    xq: str  # uint8 rows [R, K]
-    scale: str  # float [R, 1]
-    lead: str  # int64: the input's shape without its last dim
+    xq: str  # uint8, x's shape
+    scale: str  # float, x's shape with last dim 1
     factors: np.ndarray | None  # smoothing, folded into the weights
 
 
@@ -87,7 +88,6 @@ class _Rewriter:
             "zp_s8": self._init("zp_s8", np.asarray(0, np.int8)),
             "axes": self._init("axes", np.asarray([-1], np.int64)),
             "flat": self._init("flat", np.asarray([-1], np.int64)),
-            "zero": self._init("zero", np.asarray([0], np.int64)),
         }
         self._ints: dict[tuple[int, ...], str] = {}
 
@@ -105,8 +105,7 @@ class _Rewriter:
     def quantize_input(
         self, x: str, k: int, factors: np.ndarray | None
     ) -> tuple[list[onnx.NodeProto], _Quantized]:
-        """Nodes turning ``x [..., K]`` into uint8 rows ``[R, K]``, their scales ``[R, 1]`` and ``x``'s
-        leading dims (to shape each product back)."""
+        """Nodes turning ``x [..., K]`` into uint8 ``xq [..., K]`` and its row scales ``[..., 1]``."""
         c, n = self.const, self.names
         nodes = []
         if factors is not None:
@@ -114,45 +113,41 @@ class _Rewriter:
             nodes.append(
                 make_node("Mul", [x, self._init("inv_smooth", 1.0 / factors)], [smoothed], n("Smooth"))
             )
-        v = {h: n(h) for h in ("rows", "max", "min", "neg", "amax", "scale", "scale1", "n", "zp", "xq")}
-        v |= {h: n(h) for h in ("shape", "lead")}
+            x_in = smoothed
+        else:
+            x_in = x
+        v = {h: n(h) for h in ("max", "min", "neg", "amax", "scale", "scale1", "n", "zp", "rows", "q2")}
+        v |= {h: n(h) for h in ("shape", "xq")}
         nodes += [
-            make_node(
-                "Reshape",
-                [smoothed if factors is not None else x, self._int64("rows", -1, k)],
-                [v["rows"]],
-                n("Reshape"),
-            ),
-            make_node("ReduceMax", [v["rows"], c["axes"]], [v["max"]], n("ReduceMax"), keepdims=1),
-            make_node("ReduceMin", [v["rows"], c["axes"]], [v["min"]], n("ReduceMin"), keepdims=1),
+            make_node("ReduceMax", [x_in, c["axes"]], [v["max"]], n("ReduceMax"), keepdims=1),
+            make_node("ReduceMin", [x_in, c["axes"]], [v["min"]], n("ReduceMin"), keepdims=1),
             make_node("Neg", [v["min"]], [v["neg"]], n("Neg")),
             make_node("Max", [v["max"], v["neg"], c["eps"]], [v["amax"]], n("Max")),
             make_node("Mul", [v["amax"], c["inv127"]], [v["scale"]], n("Mul")),
+            # Per-axis QuantizeLinear wants the rows on one axis: a 2-D view (Reshape aliases, no copy).
             make_node("Reshape", [v["scale"], c["flat"]], [v["scale1"]], n("Reshape")),
             make_node("Shape", [v["scale1"]], [v["n"]], n("Shape")),
             make_node("Expand", [c["zp_u8"], v["n"]], [v["zp"]], n("Expand")),
+            make_node("Reshape", [x_in, self._int64("rows", -1, k)], [v["rows"]], n("Reshape")),
             make_node(
-                "QuantizeLinear", [v["rows"], v["scale1"], v["zp"]], [v["xq"]], n("QuantizeLinear"), axis=0
+                "QuantizeLinear", [v["rows"], v["scale1"], v["zp"]], [v["q2"]], n("QuantizeLinear"), axis=0
             ),
-            make_node("Shape", [x], [v["shape"]], n("Shape")),
-            make_node("Slice", [v["shape"], c["zero"], c["flat"]], [v["lead"]], n("Slice")),
+            make_node("Shape", [x_in], [v["shape"]], n("Shape")),
+            make_node("Reshape", [v["q2"], v["shape"]], [v["xq"]], n("Reshape")),
         ]
-        return nodes, _Quantized(v["xq"], v["scale"], v["lead"], factors)
+        return nodes, _Quantized(v["xq"], v["scale"], factors)
 
     def matmul(self, node: onnx.NodeProto, weight: np.ndarray, q: _Quantized) -> list[onnx.NodeProto]:
         c, n = self.const, self.names
         wq, wscale = _quantize_weight(weight)
-        y, shape = n("y"), n("out_shape")
         return [
             helper.make_node(
                 "MatMulIntegerToFloat",
                 [q.xq, self._init("wq", wq), q.scale, self._init("wscale", wscale), c["zp_u8"], c["zp_s8"]],
-                [y],
+                list(node.output),
                 name=n("MatMulIntegerToFloat"),
                 domain="com.microsoft",
-            ),
-            make_node("Concat", [q.lead, self._int64("n", weight.shape[1])], [shape], n("Concat"), axis=0),
-            make_node("Reshape", [y, shape], list(node.output), n("Reshape")),
+            )
         ]
 
 

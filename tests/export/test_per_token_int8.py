@@ -118,7 +118,8 @@ def test_spelled_with_cheap_ops_and_keeps_the_opset() -> None:
     for node in (n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"):
         assert node.input[2] not in inits  # A's scale is the runtime per-row scale, not a constant
         assert producers[node.input[2]].op_type == "Mul"
-        assert producers[node.input[0]].op_type == "QuantizeLinear"
+        view = producers[node.input[0]]  # the uint8 rows, reshaped back to x's shape
+        assert view.op_type == "Reshape" and producers[view.input[0]].op_type == "QuantizeLinear"
     assert [o.version for o in model.opset_import if o.domain == ""] == [20]
     onnx.checker.check_model(model)
 
