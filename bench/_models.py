@@ -143,21 +143,29 @@ def minilm_onnx(variant: str = "plain") -> Path:
     return out
 
 
-def minilm_int8(method: str = "dynamic") -> Path:
+def minilm_int8(method: str = "dynamic", graph: str = "ort-fused") -> Path:
     """The real all-MiniLM-L6-v2 quantised the way ``embed-export --int8-method`` does it (same
-    quantiser, same calibration ids: the validation corpus with the export's calibration seed)."""
+    quantiser, same calibration ids: the validation corpus with the export's calibration seed), from
+    the export's int8 graph (``ort-fused``: MultiHeadAttention core, Q/K/V still MatMuls) or ``plain``."""
     from export.assets import minilm_dir
     from export.checkpoint import load_checkpoint
     from export.corpus import CorpusTokenizer, validation_sequences
+    from export.passes import apply_graph_variant
     from export.precision import CALIBRATED
     from export.quantize import calibration_feeds, quantize
 
-    out = CACHE / "minilm-onnx" / f"int8_{method}" / "model.onnx"
+    out = CACHE / "minilm-onnx" / f"int8_{method}_{graph}" / "model.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        src = minilm_onnx()
+        if graph != "plain":
+            src = out.parent / "base.onnx"
+            apply_graph_variant(minilm_onnx(), graph, num_heads=12, out=src, quantizable=True)  # type: ignore[arg-type]
         ckpt = load_checkpoint(minilm_dir())
         seqs = validation_sequences(CorpusTokenizer(ckpt), ckpt.prompts, 64, seed=1)
-        quantize(minilm_onnx(), out, method, calibration_feeds(seqs) if method in CALIBRATED else ())  # type: ignore[arg-type]
+        quantize(src, out, method, calibration_feeds(seqs) if method in CALIBRATED else ())  # type: ignore[arg-type]
+        if src != minilm_onnx():
+            src.unlink()
     return out
 
 

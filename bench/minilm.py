@@ -10,6 +10,7 @@ batches of 32 grouped by length (as the service batches); single = one query per
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import warnings
 from collections.abc import Callable
@@ -95,12 +96,15 @@ def top10_overlap(q: np.ndarray, d: np.ndarray, q_ref: np.ndarray, d_ref: np.nda
 
 
 def variants() -> dict[str, tuple[Path, bool]]:
-    """name → (graph, batched?). Batch-dependent int8 (dynamic) is served one text per run."""
+    """name → (graph, batched?). Batch-dependent int8 (dynamic) is served one text per run. int8
+    graphs are quantised from the export's int8 graph (``ort-fused``: MultiHeadAttention core) unless
+    the name says ``plain graph`` (the int8 default before; kept to show what the core fusion buys)."""
     return {
         "fp32 plain": (_models.minilm_onnx(), True),
         "fp32 ort-fused": (_models.minilm_onnx("ort-fused"), True),
         "int8 dynamic (one text per run)": (_models.minilm_int8("dynamic"), False),
-        "int8 per-token": (_models.minilm_int8("per-token"), True),
+        "int8 per-token, plain graph": (_models.minilm_int8("per-token", "plain"), True),
+        "int8 per-token (default)": (_models.minilm_int8("per-token"), True),
     }
 
 
@@ -110,6 +114,7 @@ def run(rounds: int, quick: bool) -> Section:
     queries = tokenize([first_sentence(t) for t in texts])
     graphs = variants()
     sessions = {name: _models.session(path) for name, (path, _) in graphs.items()}
+    load = os.getloadavg()[0]
     bulk: dict[str, Callable[[], object]] = {}
     for name, sess in sessions.items():
         size = 32 if graphs[name][1] else 1
@@ -132,7 +137,10 @@ def run(rounds: int, quick: bool) -> Section:
         "Bulk = all documents, batches of 32 grouped by length (int8 dynamic: one text per run, as "
         "served). Single = 50 queries, one per run, every variant on the same query back to back, "
         f"median over all. Bulk: medians of {rounds} interleaved rounds (every variant once per round); "
-        "ratios against fp32 plain from the same rounds — the machine is shared, so only ratios mean much.\n"
+        "ratios against fp32 plain from the same rounds — the machine is shared with other engineers' "
+        f"jobs (1-minute load average {load:.1f} on 2 CPUs when the timed phases began), so only ratios "
+        "mean much. int8 graphs are quantised from the export's int8 graph (`ort-fused`: "
+        "MultiHeadAttention core) unless the row says plain graph.\n"
     )
     rows = []
     for name in graphs:
@@ -184,4 +192,45 @@ def run(rounds: int, quick: bool) -> Section:
             quality,
         )
     )
+    section.add("")
+    section.add(time_shares({n: graphs[n][0] for n in ("fp32 ort-fused", "int8 per-token (default)")}, docs))
     return section
+
+
+# FLOPs per padded token of all-MiniLM-L6-v2's O projection (384×384) and MLP (2 × 384×1536), 6 layers,
+# 2 FLOPs per multiply-add: what the fused fp32 graph's MatMul kernels compute.
+_OTHER_PROJ_FLOPS = 2 * (384 * 384 + 2 * 384 * 1536) * 6
+_SHOWN = 6  # op types listed by name; the rest are summed
+
+
+def time_shares(graphs: dict[str, Path], docs: list[list[int]]) -> str:
+    """Where each graph's bulk time goes (ORT profile of one pass over the documents), and the fp32
+    GEMM rate: MatMul kernel time against the FLOPs of the projections it runs (O and the MLP; Q/K/V
+    run inside ``Attention``), the evidence for how much faster fp32 bulk could still get."""
+    import json
+
+    padded = sum(ids.size for ids, _, _ in batches(docs, 32))
+    rows = []
+    for name, path in graphs.items():
+        sess = _models.session(path, profile=True)
+        encode(sess, docs, 32)
+        profile = Path(sess.end_profiling())
+        by_op: dict[str, float] = {}
+        for event in json.loads(profile.read_text()):
+            if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+                op = event["args"]["op_name"]
+                by_op[op] = by_op.get(op, 0.0) + float(event["dur"]) / 1e6
+        profile.unlink()
+        total = sum(by_op.values())
+        top = [kv for kv in sorted(by_op.items(), key=lambda kv: -kv[1]) if kv[1] >= 0.01 * total][:_SHOWN]
+        shares = [f"{op} {t / total:.0%}" for op, t in top]
+        shares.append(f"other {1 - sum(t for _, t in top) / total:.0%}")
+        fp32 = "MatMulIntegerToFloat" not in by_op
+        rate = f"{_OTHER_PROJ_FLOPS * padded / by_op['MatMul'] / 1e9:.0f}" if fp32 else "–"
+        rows.append([name, f"{total:.2f}", ", ".join(shares), rate])
+    return (
+        f"Where the bulk time goes (ORT profile, one pass over the {len(docs)} documents, {padded} padded "
+        "tokens, 2 threads; each node's wall time, summed; the machine is shared, so the shares matter, the "
+        "absolute seconds less):\n\n"
+        + table(["graph", "kernel s", "share by op type", "fp32 MatMul GFLOP/s (O + MLP projections)"], rows)
+    )

@@ -31,7 +31,8 @@ COSINE_BOUND: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, 
 # --- graph variants (export/passes, export/ort_fusion): which rewrite of the exported graph a
 # bundle carries. Kept apart from the shared definitions above so parallel edits merge cleanly.
 # plain: the exporter's graph; fused / chunked: opset-23 Attention (+ query-chunked attention and
-# MLP); ort-fused: BERT attention as ONNX Runtime's com.microsoft.Attention (ORT-only contrib op).
+# MLP); ort-fused: BERT attention as ONNX Runtime's com.microsoft.Attention, or in int8 bundles
+# com.microsoft.MultiHeadAttention after quantised projections (ORT-only contrib ops).
 GraphVariant = Literal["plain", "fused", "chunked", "ort-fused"]
 GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked", "ort-fused")
 

@@ -169,9 +169,9 @@ BERT = FamilySpec(
     token_type_ids=True,
     fp16_islands=_bert_islands,
     # 512-token inputs need no chunking; opset 23 adds no native op matching post-norm layers.
-    # fp32: ORT's fused Attention (docs/benchmarks.md). fp16 islands put Casts inside the pattern
-    # and the int8 quantisers rewrite plain MatMuls only, so those stay plain.
-    default_graph={"fp32": "ort-fused", "fp16": "plain", "int8": "plain"},
+    # fp32: ORT's fused Attention (docs/benchmarks.md); int8: ORT's MultiHeadAttention on the Q/K/V
+    # MatMuls, which the quantisers then rewrite. fp16 islands put Casts inside the pattern: plain.
+    default_graph={"fp32": "ort-fused", "fp16": "plain", "int8": "ort-fused"},
     weight_prefix="bert.",
     reference=_bert_reference,
 )

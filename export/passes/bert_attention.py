@@ -30,6 +30,7 @@ from export.passes.onnx_proto import (
     make_node,
     producers,
     remove_dead_nodes,
+    replace_nodes,
 )
 
 MASK_INPUT = "attention_mask"
@@ -41,6 +42,15 @@ class _Projection:
     weight: str
     bias: str
     scale: float
+    product: str  # the MatMul's output, before the bias
+
+
+@dataclass(frozen=True)
+class _Match:
+    q: _Projection
+    k: _Projection
+    v: _Projection
+    reshape: onnx.NodeProto  # its output is the attention's [B, S, hidden] result
 
 
 def _projection(graph: onnx.GraphProto, name: str, prod: dict[str, onnx.NodeProto]) -> _Projection | None:
@@ -65,7 +75,7 @@ def _projection(graph: onnx.GraphProto, name: str, prod: dict[str, onnx.NodeProt
                 return None
             if matmul.input[1] not in inits:
                 return None
-            return _Projection(matmul.input[0], matmul.input[1], node.input[1], scale)
+            return _Projection(matmul.input[0], matmul.input[1], node.input[1], scale, matmul.output[0])
         else:
             return None
     return None
@@ -113,16 +123,10 @@ def _weight(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise PassError(f"initializer {name!r} not found")
 
 
-def fuse_bert_attention(model: onnx.ModelProto, num_heads: int) -> int:
-    """Replace every matched self-attention with ``com.microsoft.Attention``; returns how many.
-
-    Needs the weights in memory (the Q/K/V matrices are packed into one); BERT-sized models only.
-    """
-    graph = model.graph
+def _matches(graph: onnx.GraphProto) -> list[_Match]:
+    """Every self-attention of the dynamo pattern (module docstring), in graph order."""
     prod, cons = producers(graph), _consumers(graph)
-    names = Names(graph, "ort_attention")
-    mask = names("mask_int32")
-    replacements: dict[int, onnx.NodeProto] = {}
+    found = []
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         add = prod.get(softmax.input[0])
         if add is None or add.op_type != "Add":
@@ -136,28 +140,81 @@ def fuse_bert_attention(model: onnx.ModelProto, num_heads: int) -> int:
         reshape = _output_reshape(probs, cons)
         if q is None or k is None or v is None or reshape is None or len({q.x, k.x, v.x}) != 1:
             continue
-        packed_w, packed_b = names("qkv_weight"), names("qkv_bias")
-        weights = np.concatenate([_weight(graph, p.weight) for p in (q, k, v)], axis=1)
-        biases = np.concatenate([_weight(graph, p.bias) for p in (q, k, v)])
-        graph.initializer.extend(
-            [numpy_helper.from_array(weights, packed_w), numpy_helper.from_array(biases, packed_b)]
-        )
-        replacements[id(reshape)] = helper.make_node(
-            "Attention",
-            [q.x, packed_w, packed_b, mask],
-            [reshape.output[0]],
-            name=names("Attention"),
-            domain="com.microsoft",
-            num_heads=num_heads,
-            scale=q.scale * k.scale,
-        )
-    if not replacements:
-        raise PassError("no BERT self-attention pattern found to fuse")
+        found.append(_Match(q, k, v, reshape))
+    return found
+
+
+def _replace(
+    model: onnx.ModelProto, names: Names, mask: str, replacements: dict[str, onnx.NodeProto]
+) -> None:
+    """Keyed by output name: protobuf wrappers are recreated per iteration, so ``id`` is no key."""
+    graph = model.graph
     cast = make_node("Cast", [MASK_INPUT], [mask], names("Cast"), to=onnx.TensorProto.INT32)
-    nodes = [cast, *(replacements.get(id(n), n) for n in graph.node)]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    replace_nodes(graph, [cast, *(replacements.get(n.output[0], n) for n in graph.node)])
     remove_dead_nodes(graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def fuse_bert_attention(model: onnx.ModelProto, num_heads: int) -> int:
+    """Replace every matched self-attention with ``com.microsoft.Attention``; returns how many.
+
+    Needs the weights in memory (the Q/K/V matrices are packed into one); BERT-sized models only.
+    """
+    graph = model.graph
+    names = Names(graph, "ort_attention")
+    mask = names("mask_int32")
+    replacements: dict[str, onnx.NodeProto] = {}  # by the replaced Reshape's output
+    for m in _matches(graph):
+        packed_w, packed_b = names("qkv_weight"), names("qkv_bias")
+        weights = np.concatenate([_weight(graph, p.weight) for p in (m.q, m.k, m.v)], axis=1)
+        biases = np.concatenate([_weight(graph, p.bias) for p in (m.q, m.k, m.v)])
+        graph.initializer.extend(
+            [numpy_helper.from_array(weights, packed_w), numpy_helper.from_array(biases, packed_b)]
+        )
+        replacements[m.reshape.output[0]] = helper.make_node(
+            "Attention",
+            [m.q.x, packed_w, packed_b, mask],
+            [m.reshape.output[0]],
+            name=names("Attention"),
+            domain="com.microsoft",
+            num_heads=num_heads,
+            scale=m.q.scale * m.k.scale,
+        )
+    if not replacements:
+        raise PassError("no BERT self-attention pattern found to fuse")
+    _replace(model, names, mask, replacements)
+    return len(replacements)
+
+
+def fuse_bert_attention_core(model: onnx.ModelProto, num_heads: int) -> int:
+    """Replace every matched attention *core* with ``com.microsoft.MultiHeadAttention``, keeping the
+    Q/K/V projections as plain ``MatMul`` nodes (their biases move into the op); returns how many.
+
+    Why besides :func:`fuse_bert_attention`: ``Attention`` takes the packed Q/K/V weight as an
+    input, so no int8 quantiser can rewrite those projections; here they stay quantisable MatMuls
+    while the core (scores, key-padding mask from the ``[B, S]`` mask, softmax, head merge) is one
+    fused kernel. Weights are read only for the (small) biases.
+    """
+    graph = model.graph
+    names = Names(graph, "ort_mha")
+    mask = names("mask_int32")
+    replacements: dict[str, onnx.NodeProto] = {}  # by the replaced Reshape's output
+    for m in _matches(graph):
+        bias = names("qkv_bias")
+        graph.initializer.append(
+            numpy_helper.from_array(np.concatenate([_weight(graph, p.bias) for p in (m.q, m.k, m.v)]), bias)
+        )
+        replacements[m.reshape.output[0]] = helper.make_node(
+            "MultiHeadAttention",
+            [m.q.product, m.k.product, m.v.product, bias, mask],
+            [m.reshape.output[0]],
+            name=names("MultiHeadAttention"),
+            domain="com.microsoft",
+            num_heads=num_heads,
+            scale=m.q.scale * m.k.scale,
+        )
+    if not replacements:
+        raise PassError("no BERT self-attention pattern found to fuse")
+    _replace(model, names, mask, replacements)
     return len(replacements)

@@ -12,8 +12,11 @@ Variants (the export option ``graph``):
   RMSNormalization); drops the materialised GQA ``repeat_kv``.
 * ``chunked`` – ``fused`` + key-padding mask + query-chunked attention + (optionally)
   sequence-chunked MLP: memory linear in the input length; qwen2's default.
-* ``ort-fused`` – BERT self-attention as ONNX Runtime's ``com.microsoft.Attention`` (any opset);
-  BERT's fp32 default. Loads the weights (the Q/K/V matrices are packed): BERT-sized models only.
+* ``ort-fused`` – BERT self-attention as ONNX Runtime contrib ops (any opset); BERT's fp32 and
+  int8 default. For fp32 one ``com.microsoft.Attention`` per layer (Q/K/V packed into its weight
+  input); when the graph is to be quantised, ``com.microsoft.MultiHeadAttention`` on the Q/K/V
+  ``MatMul`` outputs instead, so the projections stay quantisable. Loads the weights: BERT-sized
+  models only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import onnx
 from onnx import external_data_helper
 
 from bundle.manifest import GraphVariant
-from export.passes.bert_attention import fuse_bert_attention
+from export.passes.bert_attention import fuse_bert_attention, fuse_bert_attention_core
 from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
@@ -93,15 +96,17 @@ def apply_graph_variant(
     mlp_chunk: int | None = 2048,
     out: Path | None = None,
     num_heads: int | None = None,
+    quantizable: bool = False,
 ) -> GraphReport:
     """Rewrite the ONNX file at ``path`` (in place unless ``out``) into ``variant``.
 
     ``mlp_chunk=None`` keeps the MLP in one piece: required before ``quantize_dynamic``, whose
-    quantiser does not rewrite MatMuls inside Loop bodies. ``num_heads`` is needed by ``ort-fused``.
+    quantiser does not rewrite MatMuls inside Loop bodies. ``num_heads`` is needed by ``ort-fused``;
+    ``quantizable`` makes it keep the Q/K/V projections as MatMuls (the int8 quantisers' input).
     """
     target = out or path
     if variant == "ort-fused":
-        return _ort_fused(path, target, num_heads)
+        return _ort_fused(path, target, num_heads, quantizable)
     model = _load_for(path, target)
     if variant != "plain" and opset_version(model) < FUSED_OPSET:
         raise PassError(
@@ -130,12 +135,12 @@ def apply_graph_variant(
     )
 
 
-def _ort_fused(path: Path, target: Path, num_heads: int | None) -> GraphReport:
+def _ort_fused(path: Path, target: Path, num_heads: int | None, quantizable: bool) -> GraphReport:
     if num_heads is None:
         raise PassError("graph variant 'ort-fused' needs the model's num_heads")
     external = _has_external(load_graph(path))
-    model = onnx.load(str(path))  # with weights: Q/K/V get packed into one matrix
-    fuse_bert_attention(model, num_heads)
+    model = onnx.load(str(path))  # with weights: Q/K/V get packed into one matrix (or their biases)
+    (fuse_bert_attention_core if quantizable else fuse_bert_attention)(model, num_heads)
     if external:
         side = target.parent / (target.name + ".data")
         side.unlink(missing_ok=True)  # onnx appends to an existing side file; the weights are in memory
@@ -178,12 +183,18 @@ def apply_for_export(
     """What the exporter calls right after saving a graph.
 
     ``query_chunk`` defaults to :func:`default_query_chunk` for the model's heads and input limit.
-    ``quantize_next`` keeps the MLP unchunked (the int8 quantisers skip MatMuls inside Loops).
+    ``quantize_next`` keeps the MLP unchunked (the int8 quantisers skip MatMuls inside Loops) and the
+    BERT Q/K/V projections as MatMuls.
     """
     if variant == "plain":
         return GraphReport(variant="plain")
     heads = int(str(config.get("num_attention_heads", 1)))
     chunk = query_chunk or default_query_chunk(heads, max_input_tokens)
     return apply_graph_variant(
-        path, variant, query_chunk=chunk, mlp_chunk=None if quantize_next else 2048, num_heads=heads
+        path,
+        variant,
+        query_chunk=chunk,
+        mlp_chunk=None if quantize_next else 2048,
+        num_heads=heads,
+        quantizable=quantize_next,
     )

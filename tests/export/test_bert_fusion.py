@@ -43,3 +43,31 @@ def test_manifest_without_graph_variant_still_loads(minilm_bundle: Path) -> None
     raw = json.loads((minilm_bundle / "manifest.json").read_text())
     del raw["graph"]["variant"]
     assert Manifest.model_validate(raw).graph.variant is None
+
+
+def test_attention_core_fusion_keeps_the_projections_quantisable(
+    minilm_plain_graph: Path, tmp_path: Path
+) -> None:
+    """The int8 form of ``ort-fused``: one MultiHeadAttention per layer reading the Q/K/V MatMuls
+    (weights still initializers, so the quantisers see all 36 projections), same vectors as the
+    plain graph for either padding side."""
+    from export.passes import apply_graph_variant
+    from export.quantize import weight_matmuls
+    from export.validate import ort_session, run_padded
+
+    out = tmp_path / "core.onnx"
+    report = apply_graph_variant(minilm_plain_graph, "ort-fused", num_heads=12, out=out, quantizable=True)
+    assert report.ops["MultiHeadAttention"] == 6 and report.ops.get("Attention", 0) == 0
+    model = onnx.load(str(out))
+    assert Counter(n.op_type for n in model.graph.node)["Softmax"] == 0
+    assert weight_matmuls(model) == 36
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for mha in (n for n in model.graph.node if n.op_type == "MultiHeadAttention"):
+        assert [producers[i].op_type for i in mha.input[:3]] == ["MatMul"] * 3
+        assert len({producers[i].input[0] for i in mha.input[:3]}) == 1  # self-attention: one x
+    rng = np.random.default_rng(0)
+    seqs = [[101, *rng.integers(1000, 29000, n).tolist(), 102] for n in (3, 40, 17)]
+    plain, core = ort_session(minilm_plain_graph, 1), ort_session(out, 1)
+    for side in ("right", "left"):
+        want, got = run_padded(plain, seqs, 0, side)[0], run_padded(core, seqs, 0, side)[0]
+        assert np.abs(got - want).max() <= 1e-5

@@ -65,18 +65,6 @@ def test_int8_dynamic_via_cli_is_marked_batch_dependent(tiny_qwen2_checkpoint: P
     assert int(manifest.validation["ops_MatMulInteger"]) == int(manifest.validation["quantized_matmuls"]) > 0
 
 
-@pytest.fixture(scope="module")
-def minilm_plain_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """all-MiniLM-L6-v2 exported plain: what the export quantises (its fp32 bundle is ort-fused)."""
-    from export.embedder import build_embedder
-    from export.to_onnx import export_onnx
-
-    ckpt = load_checkpoint(minilm_dir())
-    path = tmp_path_factory.mktemp("minilm-plain") / "model.onnx"
-    export_onnx(build_embedder(ckpt), path, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size)
-    return path
-
-
 def _fp32_graph(bundle: Path, tmp_path: Path) -> Path:
     """A copy of a fixture bundle's fp32 graph (+ external data) to quantise."""
     work = tmp_path / "fp32"
@@ -190,6 +178,10 @@ def test_minilm_int8_default_keeps_quality_on_real_text_and_is_served_batched(
     manifest = export_bundle("builtin:all-MiniLM-L6-v2", tmp_path / "int8", "int8")
     v = manifest.validation
     assert v["int8_method"] == "per-token" and manifest.batch_invariant is True
+    assert manifest.graph.variant == "ort-fused"  # MultiHeadAttention core, quantised projections
+    model = onnx.load(str(tmp_path / "int8" / "model.onnx"), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 6 and ("", "Softmax") not in ops
     assert v["gated_on"] == "all runs" and float(v["min_cos"]) > 0.99  # alone, batched, both sides
     assert int(v["ops_MatMulIntegerToFloat"]) == int(v["quantized_matmuls"]) == 36  # 6 layers × 6
     fp32_dir = minilm_bundle
