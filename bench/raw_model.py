@@ -189,7 +189,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
                     ]
                 )
         section.add(table(["model", "batch×len", "variant", "ms", "spread", "×PT"], rows))
-        ref_name = "ORT plain" if model == "minilm" else "plain"
+        print(section.body[-1], flush=True)  # a later model's failure must not lose this one's timings
+        ref_name = "ORT plain" if model == "minilm" else ("plain" if "plain" in sessions else "fused")
         q = quality({k: v for k, v in sessions.items() if k != ref_name}, sessions[ref_name], vocab)
         section.add("")
         section.add(
