@@ -38,7 +38,7 @@ REPORTS = {"fuzz_http": Path("docs/reliability.md")}
 Runner = Callable[[int, bool], Section]
 
 
-def _scenarios() -> dict[str, Runner]:
+def _scenarios(models: list[str] | None = None) -> dict[str, Runner]:
     from bench import (
         cache_bench,
         client_bench,
@@ -67,8 +67,8 @@ def _scenarios() -> dict[str, Runner]:
         "batching": service_load.run_batching,
         "efficiency": efficiency.run,
         "cache": cache_bench.run,
-        "raw": models_arg(raw_model.run, None),
-        "long": models_arg(long_input.run, None),
+        "raw": models_arg(raw_model.run, models),
+        "long": models_arg(long_input.run, models),
         "client": client_bench.run,
         "fuzz_http": fuzz_http.run,
         "fuzz": fuzz_grpc.run,
@@ -86,7 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", nargs="*", choices=[*scenarios, []], help="default: all")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds (median of these)")
     parser.add_argument("--quick", action="store_true", help="smaller grids (smoke test, not for the report)")
+    parser.add_argument(
+        "--models", help="comma-separated models for raw / long (tiny, 512x12, 0.5b, minilm); default: all"
+    )
     args = parser.parse_args(argv)
+    scenarios = _scenarios(args.models.split(",") if args.models else None)
     command = "python -m bench " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )

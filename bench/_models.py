@@ -34,7 +34,11 @@ class Shape:
 
 TINY = Shape("tiny", 64, 2, 4, 2, 128)
 HALF_B = Shape("0.5b", 896, 24, 14, 2, 4864)
-SHAPES = {s.name: s for s in (TINY, HALF_B)}
+# Issue 11's "512×12": hidden 512, 12 layers. Heads of 64 like every Qwen2 size, so 8 query heads;
+# 2 KV heads (GQA 4:1, between 0.5B's 7:1 and 7B's 7:1 / 1.5B's 6:1); intermediate 1408 =
+# 2.75 × hidden, rounded to a multiple of 128 (Qwen2's ratio is ≈ 5.4 but 0.5B/7B differ).
+H512_L12 = Shape("512x12", 512, 12, 8, 2, 1408)
+SHAPES = {s.name: s for s in (TINY, HALF_B, H512_L12)}
 
 
 def checkpoint_dir(shape: Shape) -> Path:
@@ -69,10 +73,10 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
 
 
 def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
-    """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, fp16, int8_dynamic,
-    int8_qdq, int8_pertoken. int8 graphs are quantised by ``export.quantize`` (as the export does)
-    from the fused graph with query-chunked attention
-    (MLP unchunked: the quantisers do not rewrite MatMuls inside Loop bodies)."""
+    """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, ort-chunked, fp16,
+    int8_dynamic, int8_qdq, int8_pertoken. int8 graphs are quantised by ``export.quantize`` (as the
+    export does) from the fused graph with query-chunked attention (MLP unchunked: the quantisers
+    do not rewrite MatMuls inside Loop bodies)."""
     out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
     if out.exists():
         return out
@@ -92,9 +96,9 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
         export_onnx(module, out, pad_id=ckpt.pad_id, vocab_size=ckpt.vocab_size, opset=opset)
         if variant != "plain":
             apply_graph_variant(out, "fused")
-    elif variant == "chunked":
+    elif variant in ("chunked", "ort-chunked"):
         apply_graph_variant(
-            onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
+            onnx_file(folder, "fused"), variant, query_chunk=query_chunk, mlp_chunk=mlp_chunk, out=out
         )
     elif variant in INT8_VARIANTS:
         base = out.parent / "base.onnx"

@@ -1,8 +1,9 @@
-"""Scenario ``raw``: PyTorch eager fp32 vs the ORT graphs we ship, model only (issue 6 §1).
+"""Scenario ``raw``: PyTorch eager fp32 vs the ORT graphs we ship, model only (issue 6 §1, issue 11 §3).
 
 Why these variants: PyTorch eager is what a user would run instead; ``plain`` is the unfused
-exporter graph; ``fused`` (opset 23 + GQA pass) and ``chunked`` (fused + query-chunked attention +
-chunked MLP, the qwen2 default) are ours; int8 is measured the way the service runs it
+exporter graph; ``fused`` (opset 23 + GQA pass), ``chunked`` (fused + query-chunked attention +
+chunked MLP, qwen2's fp16/int8 default) and ``ort-chunked`` (chunked with attention on ORT's flash
+MultiHeadAttention, qwen2's fp32 default) are ours; int8 is measured the way the service runs it
 (``per-text``: one unpadded text per ``run``, the batch-invariant route) and batched for
 reference, and static QDQ is the route that is invariant inside a padded batch.
 """
@@ -19,6 +20,8 @@ import numpy as np
 from bench import _models
 from bench._common import Section, fmt_ms, ratio, round_robin, stats, table
 
+ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+CONTROL_FLOW = {"Loop", "If", "Scan"}  # their kernel time repeats the time of the nodes inside
 GEMM_OPS = {
     "MatMul",
     "FusedMatMul",
@@ -32,19 +35,24 @@ GEMM_OPS = {
 }
 
 
-def gemm_share(profile_file: Path) -> float:
-    """Share of ORT kernel time spent in matrix-multiply kernels, from an ORT profile JSON."""
+def op_shares(profile_file: Path) -> tuple[float, float]:
+    """(GEMM share, attention share) of ORT kernel time, from an ORT profile JSON.
+
+    Nodes inside Loop bodies are profiled on their own, so the Loop's own time is left out.
+    """
     events = json.loads(profile_file.read_text())
-    total = 0.0
-    gemm = 0.0
+    total = gemm = attention = 0.0
     for event in events:
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
             continue
+        op = event.get("args", {}).get("op_name")
+        if op in CONTROL_FLOW:
+            continue
         dur = float(event.get("dur", 0))
         total += dur
-        if event.get("args", {}).get("op_name") in GEMM_OPS:
-            gemm += dur
-    return gemm / total if total else 0.0
+        gemm += dur if op in GEMM_OPS else 0.0
+        attention += dur if op in ATTENTION_OPS else 0.0
+    return (gemm / total, attention / total) if total else (0.0, 0.0)
 
 
 def _inputs(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -101,26 +109,45 @@ def _grid(model: str, quick: bool) -> list[tuple[int, int]]:
     if quick:
         return [(1, 16), (8, 64)]
     return {
-        "tiny": [(1, 16), (8, 128), (8, 512)],
+        "tiny": [(1, 16), (8, 128), (8, 512), (8, 2048)],
+        "512x12": [(1, 16), (8, 128), (8, 512), (8, 2048)],
         "0.5b": [(1, 128), (8, 128)],
         "minilm": [(1, 16), (8, 128), (32, 128)],
     }[model]
+
+
+def _profile_line(model: str, variant: str, path: Path, quick: bool, vocab: int) -> str:
+    profiled = _models.session(path, profile=True)
+    batch, length = _grid(model, quick)[-1]
+    ids, mask = _inputs(batch, length, vocab)
+    for _ in range(2):
+        profiled.run(None, {"input_ids": ids, "attention_mask": mask})
+    gemm, attention = op_shares(Path(profiled.end_profiling()))
+    return (
+        f"- ORT kernel time, {variant} fp32, {model} {batch}×{length}: GEMM **{gemm:.0%}**, attention "
+        f"**{attention:.0%}** (GEMM: the part graph passes cannot speed up)"
+    )
 
 
 def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
     import torch
 
     torch.set_num_threads(2)
-    section = Section("raw", "Raw model: PyTorch eager fp32 vs ONNX Runtime variants (issue 6 §1)")
+    section = Section(
+        "raw", "Raw model: PyTorch eager fp32 vs ONNX Runtime variants (issue 6 §1, issue 11 §3)"
+    )
     section.add(
         "2 threads on both sides. Time per call, round-robin median of "
         f"{rounds} rounds (spread = (max−min)/median). ×PT = PyTorch eager fp32 time / variant time, "
         "same cell, same run. `int8 per-text` = one unpadded text per `session.run` (how the service runs "
         "`batch_invariant: false` bundles); `int8 dyn batched` is the same graph fed the whole batch "
         "(not served: batch-dependent). `int8_qdq` (static scales) and `int8_pertoken` (per-token scales) "
-        "are invariant inside a padded batch, so they run batched.\n"
+        "are invariant inside a padded batch, so they run batched. `ort-chunked` = the qwen2 fp32 default "
+        "(attention on ORT's flash `MultiHeadAttention`, export/passes/mha_attention.py). Models: random "
+        "gte-Qwen2 weights, real Qwen2 vocabulary; shapes in bench/_models.py (`512x12` = hidden 512, 12 "
+        "layers, 8 heads of 64, 2 KV heads, intermediate 1408; fp32 graphs only).\n"
     )
-    for model in models or ["tiny", "0.5b", "minilm"]:
+    for model in models or ["tiny", "512x12", "0.5b", "minilm"]:
         if model == "minilm":
             from export.assets import minilm_dir
 
@@ -129,7 +156,9 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
             vocab = 30522
         else:
             folder = _models.checkpoint_dir(_models.SHAPES[model])
-            names = ["plain", "fused", "chunked", "int8_dynamic", "int8_qdq", "int8_pertoken"]
+            names = ["plain", "fused", "chunked", "ort-chunked"]
+            # 512x12 is there for issue 11's fp32 target; its int8 and unfused graphs would double the run
+            names = names[1:] if model == "512x12" else [*names, "int8_dynamic", "int8_qdq", "int8_pertoken"]
             names += ["fp16"] if model == "tiny" else []
             files = {n: _models.onnx_file(folder, n) for n in names}
             vocab = 151646
@@ -160,7 +189,8 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
                     ]
                 )
         section.add(table(["model", "batch×len", "variant", "ms", "spread", "×PT"], rows))
-        ref_name = "ORT plain" if model == "minilm" else "plain"
+        print(section.body[-1], flush=True)  # a later model's failure must not lose this one's timings
+        ref_name = "ORT plain" if model == "minilm" else ("plain" if "plain" in sessions else "fused")
         q = quality({k: v for k, v in sessions.items() if k != ref_name}, sessions[ref_name], vocab)
         section.add("")
         section.add(
@@ -170,15 +200,9 @@ def run(rounds: int, quick: bool, models: list[str] | None = None) -> Section:
             )
         )
         if model != "minilm":
-            profiled = _models.session(files["fused"], profile=True)
-            ids, mask = _inputs(*_grid(model, quick)[-1], vocab)
-            for _ in range(3):
-                profiled.run(None, {"input_ids": ids, "attention_mask": mask})
-            share = gemm_share(Path(profiled.end_profiling()))
-            section.add(
-                f"\nGEMM share of ORT kernel time (fused fp32, {model}, largest cell): **{share:.0%}** — "
-                "the part fusion cannot touch; it bounds the fp32 gain over PyTorch.\n"
-            )
+            section.add("")
+            for variant in ("fused", "ort-chunked"):
+                section.add(_profile_line(model, variant, files[variant], quick, vocab))
         section.add("")
         del module, sessions
     return section

@@ -32,9 +32,10 @@ COSINE_BOUND: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.995, 
 # bundle carries. Kept apart from the shared definitions above so parallel edits merge cleanly.
 # plain: the exporter's graph; fused / chunked: opset-23 Attention (+ query-chunked attention and
 # MLP); ort-fused: BERT attention as ONNX Runtime's com.microsoft.Attention, or in int8 bundles
-# com.microsoft.MultiHeadAttention after quantised projections (ORT-only contrib ops).
-GraphVariant = Literal["plain", "fused", "chunked", "ort-fused"]
-GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked", "ort-fused")
+# com.microsoft.MultiHeadAttention after quantised projections (ORT-only contrib ops);
+# ort-chunked: chunked with qwen2 attention as com.microsoft.MultiHeadAttention (ORT's flash path).
+GraphVariant = Literal["plain", "fused", "chunked", "ort-fused", "ort-chunked"]
+GRAPH_VARIANTS: tuple[GraphVariant, ...] = ("plain", "fused", "chunked", "ort-fused", "ort-chunked")
 
 
 class BundleError(Exception):

@@ -55,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="graph passes: fused = opset-23 Attention/RoPE/RMSNorm + GQA; chunked = fused + query-chunked "
         "attention and MLP (bounded memory to 32k tokens); ort-fused = BERT attention as ONNX Runtime's "
-        "com.microsoft.Attention (int8: MultiHeadAttention, projections quantised). Default: chunked for "
-        "qwen2; ort-fused for bert fp32 and int8, plain otherwise",
+        "com.microsoft.Attention (int8: MultiHeadAttention, projections quantised); ort-chunked = chunked "
+        "with qwen2 attention on ONNX Runtime's flash MultiHeadAttention (fp32). Default: ort-chunked for "
+        "qwen2 fp32, chunked for qwen2 fp16/int8; ort-fused for bert fp32 and int8, plain otherwise",
     )
     p.add_argument("--attention-query-chunk", type=int, help="queries per attention block (chunked graph)")
     p.add_argument("--max-input-tokens", type=int, help="override the model's input limit")

@@ -12,6 +12,9 @@ Variants (the export option ``graph``):
   RMSNormalization); drops the materialised GQA ``repeat_kv``.
 * ``chunked`` – ``fused`` + key-padding mask + query-chunked attention + (optionally)
   sequence-chunked MLP: memory linear in the input length; qwen2's default.
+* ``ort-chunked`` – ``chunked`` with qwen2 attention as ONNX Runtime's
+  ``com.microsoft.MultiHeadAttention`` on its flash CPU path (``mha_attention``; padding folded
+  into K, no S² scores at any length); qwen2's fp32 default. float32 graphs, ORT only.
 * ``ort-fused`` – BERT self-attention as ONNX Runtime contrib ops (any opset); BERT's fp32 and
   int8 default. For fp32 one ``com.microsoft.Attention`` per layer (Q/K/V packed into its weight
   input); when the graph is to be quantised, ``com.microsoft.MultiHeadAttention`` on the Q/K/V
@@ -32,6 +35,7 @@ from export.passes.bert_attention import fuse_bert_attention, fuse_bert_attentio
 from export.passes.chunk_attention import chunk_attention, default_query_chunk
 from export.passes.chunk_mlp import chunk_mlp
 from export.passes.gqa import drop_repeat_kv
+from export.passes.mha_attention import mha_attention
 from export.passes.onnx_proto import PassError, op_counts, opset_version
 
 FUSED_OPSET = 23
@@ -51,7 +55,7 @@ class GraphReport:
 
 def required_opset(variant: GraphVariant) -> int | None:
     """The export opset a variant needs (None: whatever the exporter uses)."""
-    return FUSED_OPSET if variant in ("fused", "chunked") else None
+    return FUSED_OPSET if variant in ("fused", "chunked", "ort-chunked") else None
 
 
 def load_graph(path: Path) -> onnx.ModelProto:
@@ -115,8 +119,11 @@ def apply_graph_variant(
     gqa = drop_repeat_kv(model) if variant != "plain" else 0
     chunk = None
     mlp = None
-    if variant == "chunked":
-        chunk_attention(model, chunk=query_chunk)
+    if variant in ("chunked", "ort-chunked"):
+        if variant == "chunked":
+            chunk_attention(model, chunk=query_chunk)
+        else:
+            mha_attention(model, chunk=query_chunk)
         chunk = query_chunk
         if mlp_chunk is not None:
             try:

@@ -6,9 +6,11 @@ data forced on so the passes' "rewrite the graph, keep the weight file" path is 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 
@@ -64,3 +66,31 @@ def padded_batch(
         ids[row, cols] = tokens
         mask[row, cols] = 1
     return ids, mask
+
+
+def square_values(path: Path, probe: Path, seq: int = 1000) -> list[str]:
+    """Top-level values with two axes of length ``seq`` when run at S = ``seq`` (S² memory).
+
+    Every intermediate is exposed as a graph output in a copy at ``probe`` and the graph is run
+    on a right-padded batch of ``seq`` and 400 tokens.
+    """
+    model = onnx.load(str(path))
+    declared = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in declared:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+    onnx.save(model, str(probe))
+    ids, mask = padded_batch([seq, 400], "right", seed=3)
+    sess = session(probe)
+    names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
+    values = sess.run(None, {"input_ids": ids, "attention_mask": mask})  # type: ignore[attr-defined]
+    return [n for n, v in zip(names, values, strict=True) if sum(d == seq for d in np.shape(v)) >= 2]
+
+
+def copy_graph(src: Path, dst_dir: Path) -> Path:
+    """Copy a graph and its side files into ``dst_dir`` (passes rewrite in place)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.parent.iterdir():
+        shutil.copy(f, dst_dir / f.name)
+    return dst_dir / src.name

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,12 @@ import onnx
 import pytest
 
 from export.passes import PassError, apply_graph_variant, default_query_chunk, op_counts
-from tests.perf.conftest import padded_batch, session
-
-
-def _copy(src: Path, dst_dir: Path) -> Path:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for f in src.parent.iterdir():
-        shutil.copy(f, dst_dir / f.name)
-    return dst_dir / src.name
+from tests.perf.conftest import copy_graph, padded_batch, session, square_values
 
 
 @pytest.fixture(scope="module")
 def fused(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = _copy(opset23_onnx, tmp_path_factory.mktemp("fused"))
+    path = copy_graph(opset23_onnx, tmp_path_factory.mktemp("fused"))
     report = apply_graph_variant(path, "fused")
     assert report.gqa_attention_nodes == 2
     return path
@@ -30,7 +22,7 @@ def fused(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def chunked(opset23_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = _copy(opset23_onnx, tmp_path_factory.mktemp("chunked"))
+    path = copy_graph(opset23_onnx, tmp_path_factory.mktemp("chunked"))
     # Small blocks so that 2k–4k tokens run many Loop iterations (and a ragged last block).
     report = apply_graph_variant(path, "chunked", query_chunk=384, mlp_chunk=640)
     assert report.attention_query_chunk == 384 and report.mlp_chunk == 640
@@ -75,21 +67,7 @@ def test_chunked_matches_unfused_short(plain_onnx: Path, chunked: Path) -> None:
 
 def test_chunked_graph_has_no_square_intermediate(chunked: Path, tmp_path: Path) -> None:
     """Expose every top-level value as an output and run at S=1000: none may have two axes of S."""
-    model = onnx.load(str(chunked))
-    declared = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for name in node.output:
-            if name and name not in declared:
-                model.graph.output.append(onnx.ValueInfoProto(name=name))
-    probe = tmp_path / "probe.onnx"
-    onnx.save(model, str(probe))
-    seq = 1000
-    ids, mask = padded_batch([seq, 400], "right", seed=3)
-    sess = session(probe)
-    names = [o.name for o in sess.get_outputs()]  # type: ignore[attr-defined]
-    values = sess.run(None, {"input_ids": ids, "attention_mask": mask})  # type: ignore[attr-defined]
-    square = [n for n, v in zip(names, values, strict=True) if sum(d == seq for d in np.shape(v)) >= 2]
-    assert square == []
+    assert square_values(chunked, tmp_path / "probe.onnx") == []
     counts = op_counts(onnx.load(str(chunked), load_external_data=False), include_subgraphs=False)
     assert counts["Attention"] == 0 and counts["Loop"] == 4  # 2 attention + 2 MLP loops
 
