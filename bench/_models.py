@@ -75,14 +75,14 @@ def embedder(folder: Path, dtype: Any = None) -> Any:
 def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk: int | None = 2048) -> Path:
     """Export (once) ``folder`` as graph ``variant``: plain (opset 20), fused, chunked, ort-chunked, fp16,
     int8_dynamic, int8_qdq, int8_pertoken. int8 graphs are quantised by ``export.quantize`` (as the
-    export does) from the fused graph with query-chunked attention (MLP unchunked: the quantisers
-    do not rewrite MatMuls inside Loop bodies)."""
+    export does) from the export's int8 graph (``ort-chunked`` for qwen2, ``chunked`` for qdq) with
+    the MLP unchunked (the quantisers do not rewrite MatMuls inside Loop bodies)."""
     out = folder.parent / f"{folder.name}-onnx" / variant / "model.onnx"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     from export.checkpoint import load_checkpoint
-    from export.passes import apply_graph_variant
+    from export.passes import apply_graph_variant, portable_variant
     from export.quantize import quantize
     from export.to_onnx import export_onnx
 
@@ -102,10 +102,15 @@ def onnx_file(folder: Path, variant: str, *, query_chunk: int = 1024, mlp_chunk:
         )
     elif variant in INT8_VARIANTS:
         base = out.parent / "base.onnx"
-        apply_graph_variant(
-            onnx_file(folder, "fused"), "chunked", query_chunk=query_chunk, mlp_chunk=None, out=base
-        )
         method = INT8_VARIANTS[variant]
+        graph = ckpt.family.default_graph["int8"]  # the export's int8 graph (ort-chunked for qwen2)
+        apply_graph_variant(
+            onnx_file(folder, "fused"),
+            portable_variant(graph) if method == "qdq" else graph,
+            query_chunk=query_chunk,
+            mlp_chunk=None,
+            out=base,
+        )
         quantize(
             base, out, method, calibration_feeds(ckpt.vocab_size) if method in ("qdq", "per-token") else ()
         )

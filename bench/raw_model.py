@@ -2,8 +2,8 @@
 
 Why these variants: PyTorch eager is what a user would run instead; ``plain`` is the unfused
 exporter graph; ``fused`` (opset 23 + GQA pass), ``chunked`` (fused + query-chunked attention +
-chunked MLP, qwen2's fp16/int8 default) and ``ort-chunked`` (chunked with attention on ORT's flash
-MultiHeadAttention, qwen2's fp32 default) are ours; int8 is measured the way the service runs it
+chunked MLP, qwen2's fp16 default) and ``ort-chunked`` (chunked with attention on ORT's flash
+MultiHeadAttention, qwen2's fp32 and int8 default) are ours; int8 is measured the way the service runs it
 (``per-text``: one unpadded text per ``run``, the batch-invariant route) and batched for
 reference, and static QDQ is the route that is invariant inside a padded batch.
 """

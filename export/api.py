@@ -35,7 +35,7 @@ from export import precision as prec
 from export.checkpoint import Checkpoint, load_checkpoint
 from export.corpus import GOLDEN_TEXTS, QUERY, CorpusTokenizer, validation_sequences
 from export.errors import ExportError
-from export.passes import export_opset, resolve_variant
+from export.passes import export_opset, portable_variant, resolve_variant
 from export.reference import Reference
 from export.source import resolve
 from export.to_onnx import ExternalData
@@ -192,7 +192,10 @@ def export_bundle(model: str | Path, out: Path, precision: Precision = "fp32", *
             ckpt = load_checkpoint(resolved.folder)
             tok = CorpusTokenizer(ckpt)
         log.info("family %s, pooling %s, dim %d", ckpt.family.name, ckpt.pooling, ckpt.hidden_size)
-        variant = resolve_variant(ckpt.family.default_graph[precision], opts.graph, opts.opset)
+        default = ckpt.family.default_graph[precision]
+        if precision == "int8" and opts.int8_method == "qdq":
+            default = portable_variant(default)
+        variant = resolve_variant(default, opts.graph, opts.opset)
         opset = export_opset(variant, ckpt.family.opset, opts.opset)
         plan = prec.Plan(
             precision=precision,

@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "attention and MLP (bounded memory to 32k tokens); ort-fused = BERT attention as ONNX Runtime's "
         "com.microsoft.Attention (int8: MultiHeadAttention, projections quantised); ort-chunked = chunked "
         "with qwen2 attention on ONNX Runtime's flash MultiHeadAttention (fp32). Default: ort-chunked for "
-        "qwen2 fp32, chunked for qwen2 fp16/int8; ort-fused for bert fp32 and int8, plain otherwise",
+        "qwen2 fp32/int8, chunked for qwen2 fp16; ort-fused for bert fp32 and int8, plain otherwise; int8 "
+        "qdq: the same without ORT contrib ops (chunked / plain)",
     )
     p.add_argument("--attention-query-chunk", type=int, help="queries per attention block (chunked graph)")
     p.add_argument("--max-input-tokens", type=int, help="override the model's input limit")

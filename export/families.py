@@ -150,10 +150,11 @@ QWEN2 = FamilySpec(
     load_backbone=_qwen2_backbone,
     token_type_ids=False,
     fp16_islands=_qwen2_islands,
-    # bounded memory at any length, parity-gated like every graph. fp32: attention on ORT's flash
-    # MultiHeadAttention kernel (docs/benchmarks.md, raw section); MHA is float-only on CPU and the
-    # int8 quantisers expect the plain opset-23 graph, so fp16 / int8 keep ``chunked``.
-    default_graph={"fp32": "ort-chunked", "fp16": "chunked", "int8": "chunked"},
+    # bounded memory at any length, parity-gated like every graph. fp32 and int8: attention on ORT's
+    # flash MultiHeadAttention kernel (docs/benchmarks.md, raw section; int8 quantises the projections
+    # around it, which stay top-level MatMuls); fp16 keeps ``chunked``: GPU bundles, where the
+    # d+1-wide Q/K heads of ``ort-chunked`` are untested. QDQ int8 falls back to ``chunked``.
+    default_graph={"fp32": "ort-chunked", "fp16": "chunked", "int8": "ort-chunked"},
     weight_prefix="model.",
     reference=_qwen2_reference,
 )

@@ -16,6 +16,7 @@ from export.passes.pipeline import (
     apply_for_export,
     apply_graph_variant,
     export_opset,
+    portable_variant,
     required_opset,
     resolve_variant,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "export_opset",
     "mha_attention",
     "op_counts",
+    "portable_variant",
     "required_opset",
     "resolve_variant",
 ]

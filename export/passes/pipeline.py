@@ -170,6 +170,15 @@ def resolve_variant(
     return default
 
 
+# The same graph without ONNX Runtime contrib ops, for artifacts another runtime builds from.
+_PORTABLE: dict[GraphVariant, GraphVariant] = {"ort-chunked": "chunked", "ort-fused": "plain"}
+
+
+def portable_variant(variant: GraphVariant) -> GraphVariant:
+    """``variant`` minus ORT's com.microsoft ops: QDQ int8 exists for TensorRT, which has none."""
+    return _PORTABLE.get(variant, variant)
+
+
 def export_opset(variant: GraphVariant, family_opset: int, requested: int | None = None) -> int:
     """Opset to export with: the family's for ``plain``, 23 for the fused variants."""
     needed = required_opset(variant)

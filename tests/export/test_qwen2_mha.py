@@ -130,3 +130,22 @@ def test_fp32_bundle_defaults_to_ort_chunked(tiny_qwen2_bundle: Path) -> None:
     graph = load_manifest(tiny_qwen2_bundle).graph
     assert graph.variant == "ort-chunked"
     assert graph.attention_query_chunk is not None and graph.mlp_chunk is not None
+
+
+def test_int8_bundle_defaults_to_ort_chunked(tiny_qwen2_checkpoint: Path, tmp_path: Path) -> None:
+    """Per-token int8 quantises the projections around the flash MHA core; the gate (min cos > 0.99,
+    batch invariance) passed or export_bundle would have raised. QDQ (TensorRT's format) keeps the
+    graph free of ORT contrib ops."""
+    from bundle import load_manifest
+    from export.api import export_bundle
+
+    export_bundle(tiny_qwen2_checkpoint, tmp_path / "pt", "int8", validation_max_length=32)
+    manifest = load_manifest(tmp_path / "pt")
+    assert manifest.graph.variant == "ort-chunked" and manifest.batch_invariant
+    ops = op_counts(onnx.load(str(tmp_path / "pt" / manifest.graph.file), load_external_data=False))
+    assert ops["MultiHeadAttention"] == 2 and ops["MatMulIntegerToFloat"] == 14 and ops.get("MatMul", 0) == 0
+
+    export_bundle(
+        tiny_qwen2_checkpoint, tmp_path / "qdq", "int8", int8_method="qdq", validation_max_length=32
+    )
+    assert load_manifest(tmp_path / "qdq").graph.variant == "chunked"
