@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import urllib.request
 
 from bench._common import Section, table
-from bench.service_load import LoadRun, _free_port, bundle, closed_loop, load_rows, server
+from bench.service_load import LoadRun, _free_port, bundle, closed_loop, load_rows, scrape_metrics, server
 from bench.tokenization import texts
 
 ZIPF_S = 1.1
@@ -27,17 +26,6 @@ def zipf_stream(universe: list[str], n: int, s: float, seed: int) -> list[list[s
     """``n`` single-query requests; query of rank k drawn with probability ∝ 1 / k**s."""
     weights = [1.0 / (k**s) for k in range(1, len(universe) + 1)]
     return [[q] for q in random.Random(seed).choices(universe, weights=weights, k=n)]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("embed_cache_"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def run(rounds: int, quick: bool) -> Section:
@@ -61,11 +49,11 @@ def run(rounds: int, quick: bool) -> Section:
             universe = [f"r{r} {t}" for t in texts(distinct, 10, seed=100 + r)]
             stream = zipf_stream(universe, n, ZIPF_S, seed=r)
             unique.append(len({q[0] for q in stream}))
-            before = _scrape(metrics_port)
+            before = scrape_metrics(metrics_port, "embed_cache_")
             order = list(ports) if r % 2 == 0 else list(reversed(ports))
             for name in order:
                 results[name].append(asyncio.run(closed_loop(ports[name], stream, CLIENTS)))
-            after = _scrape(metrics_port)
+            after = scrape_metrics(metrics_port, "embed_cache_")
             hits = after["embed_cache_hits_total"] - before["embed_cache_hits_total"]
             misses = after["embed_cache_misses_total"] - before["embed_cache_misses_total"]
             hit_rates.append(hits / max(1.0, hits + misses))

@@ -23,14 +23,13 @@ import asyncio
 import json
 import os
 import time
-import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench._common import Section, fmt_ms, percentile, stats, table
-from bench.service_load import _free_port, bundle, closed_loop, server_process
+from bench.service_load import _free_port, bundle, closed_loop, scrape_metrics, server_process
 
 CLIENTS = 16
 # Server variants: label → extra environment (defaults otherwise).
@@ -46,18 +45,6 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces; fields after it
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The server's Prometheus counters this scenario reads (batch sizes)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(("embed_batch_size_sum", "embed_batch_size_count")):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 @dataclass
@@ -79,36 +66,20 @@ class Phase:
 
 
 def _token_counts(bundle_dir: Path, queries: list[str], max_len: int) -> list[int]:
-    from tokenizers import Tokenizer
+    from bench.peers_systems import bundle_tokenizer
 
-    tok = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_len)
-    return [len(e.ids) for e in tok.encode_batch(queries)]
+    return [len(e.ids) for e in bundle_tokenizer(bundle_dir, max_len).encode_batch(queries)]
 
 
 def _raw_batches(bundle_dir: Path, queries: list[str], max_len: int, size: int) -> Callable[[], float]:
     """Run ``queries`` through the raw session in length-sorted batches of ``size`` (as the server
     groups lengths); returns a callable giving this process's CPU seconds for one pass."""
-    import numpy as np
-    from tokenizers import Tokenizer
-
     from bench import _models
+    from bench.peers_systems import bundle_tokenizer, padded_feeds
 
     sess = _models.session(bundle_dir / "model.onnx", threads=2)
-    tok = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_len)
-    encs = sorted(tok.encode_batch(queries), key=lambda e: len(e.ids))
-    feeds = []
-    for start in range(0, len(encs), size):
-        group = encs[start : start + size]
-        ids = np.zeros((len(group), len(group[-1].ids)), np.int64)
-        mask = np.zeros_like(ids)
-        for row, enc in enumerate(group):
-            ids[row, : len(enc.ids)] = enc.ids
-            mask[row, : len(enc.ids)] = 1
-        feeds.append({"input_ids": ids, "attention_mask": mask})
+    rows = sorted((e.ids for e in bundle_tokenizer(bundle_dir, max_len).encode_batch(queries)), key=len)
+    feeds = [padded_feeds(rows[start : start + size]) for start in range(0, len(rows), size)]
     sess.run(None, feeds[-1])
 
     def one_pass() -> float:
@@ -123,14 +94,14 @@ def _raw_batches(bundle_dir: Path, queries: list[str], max_len: int, size: int) 
 def _measure(
     phase: Phase, pid: int, metrics_port: int, port: int, payloads: list[list[str]], tokens: int, clients: int
 ) -> None:
-    before_m = scrape(metrics_port)
+    before_m = scrape_metrics(metrics_port, "embed_batch_size_sum", "embed_batch_size_count")
     marks: list[float] = []
 
     def mark() -> None:
         marks.append(cpu_seconds(pid))
 
     wall, lat, codes = asyncio.run(closed_loop(port, payloads, clients, on_start=mark, on_end=mark))
-    after_m = scrape(metrics_port)
+    after_m = scrape_metrics(metrics_port, "embed_batch_size_sum", "embed_batch_size_count")
     bad = {k: v for k, v in codes.items() if k != "OK"}
     if bad:
         raise RuntimeError(f"non-OK replies at {clients} clients: {bad}")

@@ -160,25 +160,35 @@ def grpc_vectors(port: int, texts: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
-def raw_session_system(bundle_dir: Path, texts: list[str], queries: list[str], max_len: int) -> System:
-    """The bundle's ``model.onnx`` on ids tokenised beforehand: the ceiling the server works under."""
+def bundle_tokenizer(bundle_dir: Path, max_len: int) -> Any:
+    """The bundle's ``tokenizer.json``, unpadded, truncating at ``max_len`` (ids as the server sees them)."""
     from tokenizers import Tokenizer
 
-    from bench import _models
-
-    sess = _models.session(bundle_dir / "model.onnx", threads=2)
     tok = Tokenizer.from_file(str(bundle_dir / "tokenizer.json"))
     tok.no_padding()
     tok.enable_truncation(max_len)
+    return tok
+
+
+def padded_feeds(rows: list[list[int]]) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids`` / ``attention_mask`` for one session call."""
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def raw_session_system(bundle_dir: Path, texts: list[str], queries: list[str], max_len: int) -> System:
+    """The bundle's ``model.onnx`` on ids tokenised beforehand: the ceiling the server works under."""
+    from bench import _models
+
+    sess = _models.session(bundle_dir / "model.onnx", threads=2)
+    tok = bundle_tokenizer(bundle_dir, max_len)
 
     def arrays(batch: list[str]) -> dict[str, np.ndarray]:
-        encs = tok.encode_batch(batch)
-        ids = np.zeros((len(encs), max(len(e.ids) for e in encs)), np.int64)
-        mask = np.zeros_like(ids)
-        for r, e in enumerate(encs):
-            ids[r, : len(e.ids)] = e.ids
-            mask[r, : len(e.ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return padded_feeds([e.ids for e in tok.encode_batch(batch)])
 
     # Length-sorted batches, as sentence-transformers does for its bulk encode.
     lengths = [len(e.ids) for e in tok.encode_batch(texts)]
