@@ -44,6 +44,7 @@ from onnx import helper, numpy_helper
 from export.passes.onnx_proto import (
     Names,
     PassError,
+    import_ms_domain,
     make_node,
     opset_version,
     replace_nodes,
@@ -208,6 +209,5 @@ def quantize_per_token(
     used = {i for n in graph.node for i in [*n.input, *subgraph_outer_reads(n)]}  # Loop bodies too
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_ms_domain(model)
     return len(targets)

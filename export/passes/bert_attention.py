@@ -17,6 +17,7 @@ and a graph with no match raises :class:`PassError` (the variant would be a lie)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +25,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from export.passes.onnx_proto import (
+    MS_DOMAIN,
     Names,
     PassError,
     constant_value,
+    import_ms_domain,
     make_node,
     producers,
     remove_dead_nodes,
@@ -144,16 +147,39 @@ def _matches(graph: onnx.GraphProto) -> list[_Match]:
     return found
 
 
-def _replace(
-    model: onnx.ModelProto, names: Names, mask: str, replacements: dict[str, onnx.NodeProto]
-) -> None:
-    """Keyed by output name: protobuf wrappers are recreated per iteration, so ``id`` is no key."""
+def _fuse(
+    model: onnx.ModelProto,
+    num_heads: int,
+    prefix: str,
+    build: Callable[[_Match, Names, str], tuple[list[str], str]],
+) -> int:
+    """Replace every matched self-attention's output ``Reshape`` by one contrib op; returns how many.
+
+    ``build(match, names, mask)`` adds what the op needs (initializers) and returns its inputs and
+    op type. Keyed by output name: protobuf wrappers are recreated per iteration, so ``id`` is no key.
+    """
     graph = model.graph
+    names = Names(graph, prefix)
+    mask = names("mask_int32")
+    replacements: dict[str, onnx.NodeProto] = {}  # by the replaced Reshape's output
+    for m in _matches(graph):
+        inputs, op_type = build(m, names, mask)
+        replacements[m.reshape.output[0]] = helper.make_node(
+            op_type,
+            inputs,
+            [m.reshape.output[0]],
+            name=names(op_type),
+            domain=MS_DOMAIN,
+            num_heads=num_heads,
+            scale=m.q.scale * m.k.scale,
+        )
+    if not replacements:
+        raise PassError("no BERT self-attention pattern found to fuse")
     cast = make_node("Cast", [MASK_INPUT], [mask], names("Cast"), to=onnx.TensorProto.INT32)
     replace_nodes(graph, [cast, *(replacements.get(n.output[0], n) for n in graph.node)])
     remove_dead_nodes(graph)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    import_ms_domain(model)
+    return len(replacements)
 
 
 def fuse_bert_attention(model: onnx.ModelProto, num_heads: int) -> int:
@@ -162,29 +188,17 @@ def fuse_bert_attention(model: onnx.ModelProto, num_heads: int) -> int:
     Needs the weights in memory (the Q/K/V matrices are packed into one); BERT-sized models only.
     """
     graph = model.graph
-    names = Names(graph, "ort_attention")
-    mask = names("mask_int32")
-    replacements: dict[str, onnx.NodeProto] = {}  # by the replaced Reshape's output
-    for m in _matches(graph):
+
+    def packed(m: _Match, names: Names, mask: str) -> tuple[list[str], str]:
         packed_w, packed_b = names("qkv_weight"), names("qkv_bias")
         weights = np.concatenate([_weight(graph, p.weight) for p in (m.q, m.k, m.v)], axis=1)
         biases = np.concatenate([_weight(graph, p.bias) for p in (m.q, m.k, m.v)])
         graph.initializer.extend(
             [numpy_helper.from_array(weights, packed_w), numpy_helper.from_array(biases, packed_b)]
         )
-        replacements[m.reshape.output[0]] = helper.make_node(
-            "Attention",
-            [m.q.x, packed_w, packed_b, mask],
-            [m.reshape.output[0]],
-            name=names("Attention"),
-            domain="com.microsoft",
-            num_heads=num_heads,
-            scale=m.q.scale * m.k.scale,
-        )
-    if not replacements:
-        raise PassError("no BERT self-attention pattern found to fuse")
-    _replace(model, names, mask, replacements)
-    return len(replacements)
+        return [m.q.x, packed_w, packed_b, mask], "Attention"
+
+    return _fuse(model, num_heads, "ort_attention", packed)
 
 
 def fuse_bert_attention_core(model: onnx.ModelProto, num_heads: int) -> int:
@@ -197,24 +211,12 @@ def fuse_bert_attention_core(model: onnx.ModelProto, num_heads: int) -> int:
     fused kernel. Weights are read only for the (small) biases.
     """
     graph = model.graph
-    names = Names(graph, "ort_mha")
-    mask = names("mask_int32")
-    replacements: dict[str, onnx.NodeProto] = {}  # by the replaced Reshape's output
-    for m in _matches(graph):
+
+    def core(m: _Match, names: Names, mask: str) -> tuple[list[str], str]:
         bias = names("qkv_bias")
         graph.initializer.append(
             numpy_helper.from_array(np.concatenate([_weight(graph, p.bias) for p in (m.q, m.k, m.v)]), bias)
         )
-        replacements[m.reshape.output[0]] = helper.make_node(
-            "MultiHeadAttention",
-            [m.q.product, m.k.product, m.v.product, bias, mask],
-            [m.reshape.output[0]],
-            name=names("MultiHeadAttention"),
-            domain="com.microsoft",
-            num_heads=num_heads,
-            scale=m.q.scale * m.k.scale,
-        )
-    if not replacements:
-        raise PassError("no BERT self-attention pattern found to fuse")
-    _replace(model, names, mask, replacements)
-    return len(replacements)
+        return [m.q.product, m.k.product, m.v.product, bias, mask], "MultiHeadAttention"
+
+    return _fuse(model, num_heads, "ort_mha", core)

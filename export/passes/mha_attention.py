@@ -33,10 +33,12 @@ from onnx import numpy_helper
 
 from export.passes._loop import plan_chunks, sequence_length, wrap_in_loop
 from export.passes.onnx_proto import (
+    MS_DOMAIN,
     Names,
     PassError,
     add_int64,
     consumers,
+    import_ms_domain,
     make_node,
     producers,
     remove_dead_nodes,
@@ -47,7 +49,6 @@ from export.passes.onnx_proto import (
 
 MASK_INPUT = "attention_mask"
 PAD_SCORE = -1e9  # q'·k' of a padded key before scaling; any |x| ≫ the real scores works
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,7 @@ def mha_attention(model: onnx.ModelProto, chunk: int | None = 1024) -> int:
     dead = {s.output for s in sites}
     replace_nodes(graph, [n for n in graph.node if not (set(n.output) & dead)])  # the output Transposes
     mhas = [_rewrite(graph, names, site, key_bias) for site in sites]
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    import_ms_domain(model)
     if chunk is not None:
         plan = plan_chunks(graph, names, sequence_length(graph, names, MASK_INPUT), chunk)
         for mha in mhas:

@@ -193,6 +193,15 @@ def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
     raise PassError(f"model imports no opset for domain {domain!r}")
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def import_ms_domain(model: onnx.ModelProto) -> None:
+    """Declare ONNX Runtime's contrib-op domain (Attention, MultiHeadAttention, MatMulIntegerToFloat…)."""
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def topo_sort(graph: onnx.GraphProto) -> None:
     """Re-order nodes topologically in place (passes append nodes wherever convenient)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
